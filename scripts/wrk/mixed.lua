@@ -1,0 +1,32 @@
+-- Mixed-cost workload for scripts/bench.sh: about 1 request in 10 asks for CPU work
+-- (`/cpu?ms=N`, N from the env variable BENCH_CPU_MS, default 5), the rest for `/`.
+--
+-- The choice is a deterministic pattern, not random, so every run sends the same mix and the
+-- fraction is exact: each wrk thread sends one expensive request in every BENCH_CPU_EVERY
+-- (default 10), offset per thread so that the threads do not all send theirs at once.
+
+local cpu_ms = tonumber(os.getenv("BENCH_CPU_MS") or "5")
+local every = tonumber(os.getenv("BENCH_CPU_EVERY") or "10")
+
+local cheap, costly
+local counter = 0
+local thread_no = 0
+
+function setup(thread)
+  thread:set("thread_no", thread_no)
+  thread_no = thread_no + 1
+end
+
+function init(args)
+  cheap = wrk.format("GET", "/")
+  costly = wrk.format("GET", "/cpu?ms=" .. cpu_ms)
+  counter = (thread_no or 0) * 3
+end
+
+function request()
+  counter = counter + 1
+  if counter % every == 0 then
+    return costly
+  end
+  return cheap
+end
