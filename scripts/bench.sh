@@ -390,6 +390,7 @@ run_cell() {
 # --- the run ----------------------------------------------------------------------------------
 
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 for name in "${POLICY_LIST[@]}"; do
   if [[ $name == node-* || $name == roundhouse-node-* ]] && ((!HAVE_NODE)); then
     continue
@@ -412,10 +413,12 @@ done
 
 # --- report -----------------------------------------------------------------------------------
 
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+
 "$PY" - "$OUT/meta.json" "$START" "$WORKERS" "$DURATION" "$WARMUP" "$CONNECTIONS" "$THREADS" \
-  "$QUICK" "$CPU_MS" "${SKIPPED[@]/#/skip:}" "${FAILED[@]/#/fail:}" <<'EOF'
+  "$QUICK" "$CPU_MS" "$LOAD_START" "$LOAD_END" "${SKIPPED[@]/#/skip:}" "${FAILED[@]/#/fail:}" <<'EOF'
 import json, os, platform, subprocess, sys
-out, start, workers, duration, warmup, conns, threads, quick, cpu_ms, *notes = sys.argv[1:]
+out, start, workers, duration, warmup, conns, threads, quick, cpu_ms, load0, load1, *notes = sys.argv[1:]
 def sh(*cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -439,6 +442,8 @@ meta = {
     "wrk_threads": int(threads),
     "quick": quick == "1",
     "mixed_cpu_ms": int(cpu_ms),
+    "loadavg_start": load0,
+    "loadavg_end": load1,
     "wrk": (sh("wrk", "--version") or "").splitlines()[0:1],
     "node": sh("node", "--version"),
     "rustc": sh("rustc", "--version"),

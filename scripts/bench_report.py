@@ -42,7 +42,7 @@ WORKLOAD_ORDER = ["keep-alive", "conn-per-request", "mixed"]
 WORKLOAD_TITLES = {
     "keep-alive": "Keep-alive (GET /, persistent connections)",
     "conn-per-request": "Connection per request (GET /, `Connection: close`)",
-    "mixed": "Mixed cost (keep-alive, ~10% GET /cpu?ms=N)",
+    "mixed": "Mixed cost (connection per request, ~10% GET /cpu?ms=N)",
 }
 POLICY_ORDER = [
     "rr",
@@ -238,6 +238,12 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                 quick=" (--quick)" if meta.get("quick") else "",
             )
         )
+        if meta.get("loadavg_start"):
+            lines.append("")
+            lines.append(
+                f"Load average (1/5/15 min) at start {meta['loadavg_start']}, "
+                f"at end {meta.get('loadavg_end', '?')}."
+            )
         if meta.get("skipped"):
             lines.append("")
             lines.append("Skipped: " + "; ".join(meta["skipped"]) + ".")
