@@ -1,1 +1,5 @@
 //! stub
+pub mod admin;
+pub mod api;
+pub mod control;
+pub mod stats;
