@@ -199,18 +199,10 @@ fn bind_then_chmod(path: &Path) -> io::Result<StdUnixListener> {
     Ok(listener)
 }
 
-/// Serves control clients on `listener` (from [`bind_control`]) until the task is dropped.
-pub async fn serve_control(listener: StdUnixListener, api: ApiClient) {
-    let listener = match listener
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixListener::from_std(listener))
-    {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(error = %err, "control: could not serve the control socket");
-            return;
-        }
-    };
+/// Serves control clients on `listener` until the task is dropped. `listener` is the one
+/// [`bind_control`] returned, registered with `tokio::net::UnixListener::from_std` (it is
+/// already non-blocking).
+pub async fn serve_control(listener: tokio::net::UnixListener, api: ApiClient) {
     let our_uid = nix::unistd::geteuid().as_raw();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -584,7 +576,10 @@ mod tests {
                 .build()
                 .unwrap();
             let (api, owner) = rt.block_on(async { fake::spawn(fake::canned()) });
-            rt.spawn(serve_control(listener, api));
+            rt.spawn(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                serve_control(listener, api).await
+            });
             Server {
                 rt: Some(rt),
                 owner,
