@@ -420,13 +420,18 @@ fn io_err(path: &Path, timeout: Duration) -> impl Fn(io::Error) -> ControlError 
     }
 }
 
-/// Sends `req` and reads one response line, waiting at most `timeout` for it.
+/// A response and the reader it came from (for [`stop_and_wait`] to wait on).
+type Answer = (Value, BufReader<StdUnixStream>);
+
+/// Sends `req` and reads one response line, waiting at most `timeout` for it. `Ok(None)`: the
+/// primary closed the connection without answering (what a primary that exits right after
+/// accepting a stop looks like).
 fn round_trip(
     stream: &mut StdUnixStream,
     path: &Path,
     req: &Value,
     timeout: Duration,
-) -> Result<(Value, BufReader<StdUnixStream>), ControlError> {
+) -> Result<Option<Answer>, ControlError> {
     let err = io_err(path, timeout);
     let mut line = serde_json::to_vec(req).map_err(|e| ControlError::Protocol {
         path: path.to_path_buf(),
@@ -458,7 +463,7 @@ fn round_trip(
         detail,
     };
     if n == 0 {
-        return Err(protocol("the connection closed without an answer".into()));
+        return Ok(None);
     }
     if answer.last() != Some(&b'\n') {
         return Err(protocol("the answer was cut short or too long".into()));
@@ -466,7 +471,7 @@ fn round_trip(
     let value: Value =
         serde_json::from_slice(&answer).map_err(|e| protocol(format!("not JSON: {e}")))?;
     match value.get("ok") {
-        Some(Value::Bool(true)) => Ok((value, reader)),
+        Some(Value::Bool(true)) => Ok(Some((value, reader))),
         Some(Value::Bool(false)) => Err(ControlError::Failed(
             value
                 .get("error")
@@ -489,18 +494,37 @@ pub fn request(path: &Path, req: &Value) -> Result<Value, ControlError> {
 /// worker must come online).
 pub fn request_timeout(path: &Path, req: &Value, timeout: Duration) -> Result<Value, ControlError> {
     let mut stream = connect(path)?;
-    round_trip(&mut stream, path, req, timeout).map(|(value, _)| value)
+    match round_trip(&mut stream, path, req, timeout)? {
+        Some((value, _)) => Ok(value),
+        None => Err(ControlError::Protocol {
+            path: path.to_path_buf(),
+            detail: "the connection closed without an answer".into(),
+        }),
+    }
 }
 
 /// Asks the primary to stop gracefully, then waits (at most `exit_timeout`) until it has exited:
-/// the server keeps this connection open until the process ends.
+/// the server keeps this connection open until the process ends. A primary that exits before
+/// its answer is written closes the connection unanswered; that counts as stopped once nothing
+/// accepts on `path` any more.
 pub fn stop_and_wait(path: &Path, exit_timeout: Duration) -> Result<(), ControlError> {
     let mut stream = connect(path)?;
     let start = Instant::now();
-    let (_, mut reader) = round_trip(&mut stream, path, &json!({"cmd": "stop"}), DEFAULT_TIMEOUT)?;
     let timeout_err = ControlError::Timeout {
         path: path.to_path_buf(),
         after: exit_timeout,
+    };
+    let answer = round_trip(&mut stream, path, &json!({"cmd": "stop"}), DEFAULT_TIMEOUT)?;
+    let Some((_, mut reader)) = answer else {
+        drop(stream);
+        while start.elapsed() < exit_timeout {
+            match connect(path) {
+                Err(ControlError::NotRunning { .. }) => return Ok(()),
+                Err(err) => return Err(err),
+                Ok(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        return Err(timeout_err);
     };
     let mut sink = [0u8; 256];
     loop {
@@ -882,6 +906,45 @@ mod tests {
             .join()
             .unwrap()
             .expect("stop succeeds once the primary is gone");
+    }
+
+    /// A primary that reads the stop request and, like one exiting at once, closes without
+    /// answering; `remove` says whether it also removes its socket file (as the real one does).
+    fn unanswered_stop(path: &Path, remove: bool) -> std::thread::JoinHandle<()> {
+        let listener = StdUnixListener::bind(path).unwrap();
+        let path = path.to_path_buf();
+        std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            assert_eq!(line, "{\"cmd\":\"stop\"}\n");
+            if remove {
+                std::fs::remove_file(&path).unwrap();
+                return; // listener and stream dropped: the process is gone
+            }
+            drop(stream);
+            // Still accepting (never answering) until the test ends.
+            for conn in listener.incoming() {
+                drop(conn);
+            }
+        })
+    }
+
+    #[test]
+    fn stop_answered_by_an_exit_counts_as_stopped() {
+        let dir = TempDir::new();
+        let path = dir.sock();
+        let server = unanswered_stop(&path, true);
+        stop_and_wait(&path, Duration::from_secs(10)).expect("the primary is gone");
+        server.join().unwrap();
+
+        // Closed unanswered but still accepting: not stopped, and said so within the deadline.
+        let path = dir.0.join("alive.sock");
+        let _server = unanswered_stop(&path, false);
+        let start = Instant::now();
+        let err = stop_and_wait(&path, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(err, ControlError::Timeout { .. }), "{err:?}");
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 
     #[test]
