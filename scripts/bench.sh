@@ -370,8 +370,8 @@ run_cell() {
   local name=$1 workload=$2 url="http://$LISTEN/" base=$OUT/raw/$1.$2 t0 t1 rss
   local -a args=(-t "$THREADS" -c "$CONNECTIONS" --latency --timeout 5s)
   case $workload in
-    keep-alive) ;;
-    conn-per-request) args+=(-H 'Connection: close') ;;
+    keep-alive) args+=(-s "$ROOT/scripts/wrk/plain.lua") ;;
+    conn-per-request) args+=(-s "$ROOT/scripts/wrk/plain.lua" -H 'Connection: close') ;;
     mixed) args+=(-s "$ROOT/scripts/wrk/mixed.lua") ;;
   esac
   log "$name / $workload: warm-up ${WARMUP}s, measure ${DURATION}s"

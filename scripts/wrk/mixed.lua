@@ -15,6 +15,11 @@ local cpu_ms = tonumber(os.getenv("BENCH_CPU_MS") or "5")
 local every = tonumber(os.getenv("BENCH_CPU_EVERY") or "10")
 local keepalive = os.getenv("BENCH_MIXED_KEEPALIVE") == "1"
 
+-- No probe connection before the run (see plain.lua).
+function wrk.resolve(host, service)
+  wrk.addrs = wrk.lookup(host, service)
+end
+
 local cheap, costly
 local counter = 0
 local thread_no = 0
