@@ -383,20 +383,19 @@ impl Primary {
             let Some(chan) = &w.chan else { continue };
             if let Poll::Ready(r) = chan.poll_read_ready(cx) {
                 self.poll_start = k + 1;
-                return Poll::Ready(match r {
-                    Ok(_) => Wake::Readable(k),
-                    Err(_) => Wake::Readable(k),
-                });
+                // An error is seen by the read itself.
+                let _ = r;
+                return Poll::Ready(Wake::Readable(k));
             }
             if w.write_blocked {
-                if let Poll::Ready(_) = chan.poll_write_ready(cx) {
+                if chan.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Writable(k));
                 }
             }
         }
         if self.can_accept() {
             for (i, l) in self.accept_on.iter().enumerate() {
-                if let Poll::Ready(_) = l.poll_read_ready(cx) {
+                if l.poll_read_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Accept(i));
                 }
             }
@@ -1526,7 +1525,7 @@ impl Primary {
                 requests_total: s.counters.requests_total,
                 connections_lost: s.counters.connections_lost,
                 restarts: s.counters.restarts,
-                rss_bytes: pid.and_then(stats::read_rss).unwrap_or(0),
+                rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
             });
             totals.connections_total += s.counters.connections_total;
             totals.requests_total += s.counters.requests_total;
