@@ -387,10 +387,8 @@ impl Primary {
                 let _ = r;
                 return Poll::Ready(Wake::Readable(k));
             }
-            if w.write_blocked {
-                if chan.poll_write_ready(cx).is_ready() {
-                    return Poll::Ready(Wake::Writable(k));
-                }
+            if w.write_blocked && chan.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Writable(k));
             }
         }
         if self.can_accept() {
