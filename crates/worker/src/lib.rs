@@ -49,7 +49,7 @@
 //!
 //! [`Worker::from_env`] takes the channel fd (and, under the `none`/`reuseport` policies, the
 //! listening sockets passed the systemd way) and spawns **one task that owns the channel**
-//! ([`channel`](crate::channel) module docs). The application never touches the channel; it
+//! (documented in `src/channel.rs`). The application never touches the channel; it
 //! talks to that task through cheap handles:
 //!
 //! - a [`Listener`] yields [`Conn`]s. Under `rr`/`least-conn` they are the connections the
