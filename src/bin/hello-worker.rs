@@ -17,20 +17,20 @@
 //!
 //! When the primary asks for a drain, the accept loop runs until the library reports the accept
 //! stream is over (every connection acknowledged before the drain has been taken), then waits
-//! for the connections to finish and exits 0. Each connection shuts down gracefully: an idle
-//! keep-alive connection is closed, a busy one finishes its request and answers with
-//! `Connection: close`. One case is handled by hand instead of with hyper-util's
-//! `GracefulShutdown`: a connection that has not yet received its first request (handed just
-//! before the drain, its request still in flight) would look idle to hyper and be closed
-//! unanswered, failing a client that did nothing wrong. Such a connection is given its first
-//! request, or [`FRESH_GRACE`] to send one. Every response written once the drain began says
-//! `Connection: close`, so no client sends another request on a connection about to close.
+//! for the connections to finish and exits 0.
+//!
+//! No connection is closed while its client may be sending a request on it. Every response
+//! written once the drain began says `Connection: close`, so a busy connection, or a keep-alive
+//! connection whose client sends its next request, ends cleanly after that response. A
+//! connection that stays silent for [`KEEPALIVE_GRACE`] is then shut down gracefully (closed if
+//! idle, `Connection: close` if a request is in progress). Closing idle connections at once, as
+//! hyper-util's `GracefulShutdown` does, races every keep-alive client's next request (and a
+//! connection handed over just before the drain, whose first request is still in flight, looks
+//! idle too): in a reload under load that is a failed request per unlucky connection.
 
 use std::convert::Infallible;
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -40,12 +40,12 @@ use hyper::header::{HeaderValue, ALLOW, CONNECTION, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use roundhouse_worker::{is_drained, Conn, Messages, Worker};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
-/// How long a connection that has not sent its first request yet may still send one after a
-/// drain began.
-const FRESH_GRACE: Duration = Duration::from_secs(2);
+/// After a drain began, how long a connection may stay silent before it is shut down rather
+/// than ended by its next response's `Connection: close`.
+const KEEPALIVE_GRACE: Duration = Duration::from_secs(1);
 /// Longest `/cpu` or `/sleep` a request may ask for.
 const MAX_MS: u64 = 60_000;
 
@@ -119,28 +119,10 @@ async fn serve(worker: Worker) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Set by the service on a connection's first request.
-#[derive(Default)]
-struct FirstRequest {
-    seen: AtomicBool,
-    notify: Notify,
-}
-
-impl FirstRequest {
-    fn mark(&self) {
-        if !self.seen.swap(true, Ordering::AcqRel) {
-            self.notify.notify_one();
-        }
-    }
-}
-
 async fn serve_conn(conn: Conn, worker: Worker, _live: mpsc::Sender<()>) {
-    let first = Arc::new(FirstRequest::default());
     let svc = {
         let worker = worker.clone();
-        let first = first.clone();
         hyper::service::service_fn(move |req| {
-            first.mark();
             let worker = worker.clone();
             async move { Ok::<_, Infallible>(route(&worker, req).await) }
         })
@@ -154,14 +136,12 @@ async fn serve_conn(conn: Conn, worker: Worker, _live: mpsc::Sender<()>) {
         r = http.as_mut() => return log_end(r),
         _ = worker.draining() => {}
     }
-    if !first.seen.load(Ordering::Acquire) {
-        tokio::select! {
-            r = http.as_mut() => return log_end(r),
-            _ = first.notify.notified() => {}
-            _ = tokio::time::sleep(FRESH_GRACE) => {}
-        }
+    // Draining: the next response says `Connection: close` and hyper closes after it.
+    tokio::select! {
+        r = http.as_mut() => return log_end(r),
+        _ = tokio::time::sleep(KEEPALIVE_GRACE) => {}
     }
-    // Idle: closed now. Busy: the response in progress goes out with `Connection: close`.
+    // Silent that long: close it if idle; a request in progress still finishes.
     http.as_mut().graceful_shutdown();
     log_end(http.await);
 }

@@ -171,9 +171,10 @@ impl Listener {
 /// # Ok(()) }
 /// ```
 ///
-/// axum shuts every connection down through hyper-util's graceful shutdown, which closes a
-/// connection that has not received its first request yet as idle; `hello-worker` shows how to
-/// avoid that when a reload must not fail a single request.
+/// axum shuts every connection down through hyper-util's graceful shutdown, which closes idle
+/// connections at once: that races a keep-alive client's next request (and the first request
+/// of a connection handed over just before the drain). `hello-worker` shows how to drain
+/// without failing a single request.
 #[cfg(feature = "axum")]
 impl axum::serve::Listener for Listener {
     type Io = Conn;
