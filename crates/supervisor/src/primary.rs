@@ -335,7 +335,7 @@ impl Primary {
                 }
                 Wake::Child => self.reap(),
                 Wake::Tick => self.on_tick(),
-                Wake::Readable(k) => self.read_worker(k),
+                Wake::Readable(k) => self.read_worker(k, READ_BURST, false),
                 Wake::Writable(k) => self.on_writable(k),
                 Wake::Accept(i) => self.accept_from(i),
             }
@@ -576,17 +576,23 @@ impl Primary {
 
     // ----- reading worker frames --------------------------------------------------------
 
-    fn read_worker(&mut self, k: usize) {
-        for _ in 0..READ_BURST {
+    /// Reads and handles up to `burst` frames from worker `k`. `direct` reads without waiting
+    /// for the reactor's readiness (used after an exit, before the reactor has seen the EOF).
+    fn read_worker(&mut self, k: usize, burst: usize, direct: bool) {
+        for _ in 0..burst {
             let Some(w) = self.workers[k].as_mut() else {
                 return;
             };
             let Some(chan) = &w.chan else { return };
             let buf = &mut self.recv_buf;
             let fds = &mut self.recv_fds;
-            let r = chan.try_io(Interest::READABLE, |fd| {
-                sys::recv_frame(fd.as_fd(), buf, fds)
-            });
+            let r = if direct {
+                sys::recv_frame(chan.get_ref().as_fd(), buf, fds)
+            } else {
+                chan.try_io(Interest::READABLE, |fd| {
+                    sys::recv_frame(fd.as_fd(), buf, fds)
+                })
+            };
             match r {
                 Ok(meta) if meta.len == 0 => {
                     self.channel_closed(k);
@@ -1101,6 +1107,14 @@ impl Primary {
     }
 
     fn on_exit(&mut self, k: usize, info: ExitInfo) {
+        if let Some(w) = self.workers[k].as_mut() {
+            // Reaped: its pid may be reused from now on, so it must never be signalled again.
+            w.state = WState::Dying;
+            w.sigkilled = true;
+        }
+        // Read what it wrote before it exited (its final STATS, late acks), so the books are
+        // right: a worker that closed every connection has lost none.
+        self.read_worker(k, MAX_OUTBOX, true);
         self.reclaim(k);
         let w = self.workers[k].take().expect("live worker");
         self.free_keys.push(k);
