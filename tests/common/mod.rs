@@ -688,7 +688,7 @@ impl Primary {
 
     fn fail_wait(&self, what: &str, timeout: Duration) -> ! {
         let state = if self.status.is_some() || !pid_alive(self.pid) {
-            "the primary exited"
+            "the primary exited (status below)"
         } else {
             "timed out"
         };
@@ -861,17 +861,21 @@ impl Primary {
 
 impl Drop for Primary {
     fn drop(&mut self) {
+        let was_running = self.status.is_none() && matches!(self.child.try_wait(), Ok(None));
+        self.cleanup();
         if thread::panicking() {
+            let status = match self.status {
+                Some(s) if was_running => format!("{} (killed by the harness)", status_str(&s)),
+                Some(s) => status_str(&s),
+                None => "unknown".to_string(),
+            };
             eprintln!(
-                "---- roundhouse primary pid {} ({}), exit {:?}\n---- command: {}\n---- log:\n{}---- end of log",
+                "---- roundhouse primary pid {}, exit: {status}\n---- command: {}\n---- log:\n{}---- end of log",
                 self.pid,
-                self.dir.path().display(),
-                self.status,
                 self.command_line(),
                 self.log()
             );
         }
-        self.cleanup();
     }
 }
 
