@@ -542,12 +542,16 @@ fn ipv6_and_several_listeners_serve() {
     }
 }
 
+/// The primary is given a stray inheritable fd (7, as a careless parent would leave one); the
+/// workers must get 0, 1, 2 and the channel only — neither that fd nor any of the primary's own
+/// (listeners, other workers' channels).
 #[test]
 fn workers_inherit_only_stdio_and_the_channel() {
     let b = Primary::builder()
         .listen("127.0.0.1:0")
         .listen("127.0.0.1:0")
-        .workers(2);
+        .workers(2)
+        .inherit_stray_fd(7);
     let gate = Gate::new(b.temp_dir(), "gate");
     let p = b.cmd(&gate.worker_cmd()).start();
     p.addr();

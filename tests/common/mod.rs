@@ -406,6 +406,7 @@ pub struct PrimaryBuilder {
     cmd: Vec<String>,
     env: Vec<(String, String)>,
     rust_log: String,
+    stray_fds: Vec<i32>,
 }
 
 impl PrimaryBuilder {
@@ -418,6 +419,7 @@ impl PrimaryBuilder {
             cmd: vec![hello_worker().to_string()],
             env: Vec::new(),
             rust_log: "info".to_string(),
+            stray_fds: Vec::new(),
         }
     }
 
@@ -460,6 +462,18 @@ impl PrimaryBuilder {
     /// `RUST_LOG` of the primary (default `info`).
     pub fn rust_log(mut self, filter: &str) -> Self {
         self.rust_log = filter.to_string();
+        self
+    }
+
+    /// Starts the primary with `fd` open on `/dev/null` *without* close-on-exec, as a careless
+    /// parent would leave it (through `/bin/sh -c 'exec FD</dev/null; exec roundhouse ...'`, so
+    /// the pid is still the primary's). A worker must not inherit it.
+    pub fn inherit_stray_fd(mut self, fd: i32) -> Self {
+        assert!(
+            (3..=9).contains(&fd),
+            "stray fd {fd}: /bin/sh (dash) redirects only 0-9"
+        );
+        self.stray_fds.push(fd);
         self
     }
 
@@ -507,9 +521,24 @@ impl PrimaryBuilder {
         let args = self.run_args();
         let control = self.control_path();
         let tag = unique("rh");
-        let mut command = Command::new(roundhouse_bin());
+        let mut command = if self.stray_fds.is_empty() {
+            let mut c = Command::new(roundhouse_bin());
+            c.args(&args);
+            c
+        } else {
+            let opens: Vec<String> = self
+                .stray_fds
+                .iter()
+                .map(|fd| format!("{fd}</dev/null"))
+                .collect();
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg(format!("exec {}; exec \"$0\" \"$@\"", opens.join(" ")))
+                .arg(roundhouse_bin())
+                .args(&args);
+            c
+        };
         command
-            .args(&args)
             .env("RUST_LOG", &self.rust_log)
             .env(TAG_VAR, &tag)
             .env_remove("ROUNDHOUSE_SCHED_POLICY")
@@ -535,6 +564,7 @@ impl PrimaryBuilder {
             log,
             tag,
             argv: args,
+            stray_fds: self.stray_fds,
             status: None,
         }
     }
@@ -555,6 +585,7 @@ pub struct Primary {
     log: Log,
     tag: String,
     argv: Vec<String>,
+    stray_fds: Vec<i32>,
     status: Option<ExitStatus>,
 }
 
@@ -598,7 +629,12 @@ impl Primary {
 
     /// The command line it was started with (for messages).
     pub fn command_line(&self) -> String {
-        format!("{} {}", roundhouse_bin(), self.argv.join(" "))
+        let stray = if self.stray_fds.is_empty() {
+            String::new()
+        } else {
+            format!(" (started with stray inherited fds {:?})", self.stray_fds)
+        };
+        format!("{} {}{stray}", roundhouse_bin(), self.argv.join(" "))
     }
 
     /// The whole captured log (stderr; stdout lines prefixed `stdout| `).
