@@ -375,6 +375,7 @@ fn usage_errors_exit_2_with_one_line() {
     let dir = TempDir::new();
     let ctl = dir.join("ctl.sock").display().to_string();
     let hw = hello_worker();
+    let hw = hw.as_str();
     let cases: Vec<Vec<&str>> = vec![
         vec!["run", "--control", &ctl, "--bogus-flag", "--", hw],
         vec![

@@ -79,9 +79,14 @@ pub fn roundhouse_bin() -> &'static str {
     env!("CARGO_BIN_EXE_roundhouse")
 }
 
-/// Path of the `hello-worker` binary under test.
-pub fn hello_worker() -> &'static str {
-    env!("CARGO_BIN_EXE_hello-worker")
+/// Path of the worker the tests run by default: the `hello-worker` binary under test, or the
+/// executable named by `ROUNDHOUSE_TEST_WORKER` when set (to run the same end-to-end tests against
+/// another implementation of the routes and protocol, e.g. `examples/python/worker.py`).
+pub fn hello_worker() -> String {
+    match std::env::var("ROUNDHOUSE_TEST_WORKER") {
+        Ok(w) if !w.is_empty() => w,
+        _ => env!("CARGO_BIN_EXE_hello-worker").to_string(),
+    }
 }
 
 fn unique(prefix: &str) -> String {
@@ -416,7 +421,7 @@ impl PrimaryBuilder {
             listen: Vec::new(),
             workers: None,
             flags: Vec::new(),
-            cmd: vec![hello_worker().to_string()],
+            cmd: vec![hello_worker()],
             env: Vec::new(),
             rust_log: "info".to_string(),
             stray_fds: Vec::new(),
@@ -1069,6 +1074,7 @@ pub struct HttpConn {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
     host: String,
+    timeout: Duration,
 }
 
 impl HttpConn {
@@ -1086,6 +1092,7 @@ impl HttpConn {
             writer: stream.try_clone()?,
             reader: BufReader::new(stream),
             host: addr.to_string(),
+            timeout,
         })
     }
 
@@ -1093,9 +1100,25 @@ impl HttpConn {
         self.writer.local_addr().unwrap()
     }
 
-    pub fn set_timeout(&self, timeout: Duration) -> io::Result<()> {
+    pub fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.timeout = timeout;
         self.writer.set_read_timeout(Some(timeout))?;
         self.writer.set_write_timeout(Some(timeout))
+    }
+
+    /// A socket timeout (`EAGAIN`) reads as "no response within …".
+    fn explain(&self, e: io::Error) -> io::Error {
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no response within {:?} ({e})", self.timeout),
+            )
+        } else {
+            e
+        }
     }
 
     /// Writes one request (with `Host` and `Content-Length` added).
@@ -1116,13 +1139,15 @@ impl HttpConn {
         req.push_str("\r\n");
         let mut bytes = req.into_bytes();
         bytes.extend_from_slice(body);
-        self.writer.write_all(&bytes)?;
-        self.writer.flush()
+        self.writer
+            .write_all(&bytes)
+            .and_then(|()| self.writer.flush())
+            .map_err(|e| self.explain(e))
     }
 
     /// Reads one response (for a request that was not `HEAD`).
     pub fn read_response(&mut self) -> io::Result<Response> {
-        read_response(&mut self.reader, false)
+        read_response(&mut self.reader, false).map_err(|e| self.explain(e))
     }
 
     /// Sends a request and reads its response.
@@ -1134,7 +1159,7 @@ impl HttpConn {
         body: &[u8],
     ) -> io::Result<Response> {
         self.send(method, path, headers, body)?;
-        read_response(&mut self.reader, method == "HEAD")
+        read_response(&mut self.reader, method == "HEAD").map_err(|e| self.explain(e))
     }
 
     /// `GET path` on this (keep-alive) connection.
