@@ -162,6 +162,11 @@ fn connections_handed_to_a_worker_that_dies_unacknowledged_are_served_by_another
     p.wait_ready();
     let addr = p.addr();
     let w1 = p.signal_worker(1, Signal::SIGSTOP);
+    assert!(
+        wait_until(secs(5), POLL, || proc_stat(w1)
+            .is_some_and(|(s, _)| s == 'T')),
+        "worker 1 did not stop"
+    );
     let (tx, rx) = mpsc::channel();
     let handles: Vec<_> = (0..6)
         .map(|i| {

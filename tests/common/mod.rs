@@ -358,6 +358,21 @@ impl Log {
         s
     }
 
+    /// Waits until every captured stream reached end-of-file; false on timeout.
+    pub fn wait_closed(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (m, cv) = &*self.inner;
+        let mut st = m.lock().unwrap();
+        while st.open_streams > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = cv.wait_timeout(st, deadline - now).unwrap().0;
+        }
+        true
+    }
+
     /// True once every captured stream reached end-of-file.
     pub fn closed(&self) -> bool {
         self.inner.0.lock().unwrap().open_streams == 0
@@ -828,7 +843,9 @@ impl Primary {
         })
     }
 
-    /// Like [`Primary::wait_exit`] but returns `None` on timeout.
+    /// Like [`Primary::wait_exit`] but returns `None` on timeout. Once the primary exited it
+    /// also waits (up to 1 s) for the reader threads to reach end-of-file, so the log holds
+    /// everything it wrote (workers still alive keep the pipes open; then it gives up).
     pub fn try_wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         if let Some(s) = self.status {
             return Some(s);
@@ -837,6 +854,7 @@ impl Primary {
         loop {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 self.status = Some(s);
+                self.log.wait_closed(Duration::from_secs(1));
                 return Some(s);
             }
             if Instant::now() >= deadline {
@@ -905,6 +923,8 @@ impl Drop for Primary {
         let was_running = self.status.is_none() && matches!(self.child.try_wait(), Ok(None));
         self.cleanup();
         if thread::panicking() {
+            // Everything is dead now: let the readers drain what was still in the pipes.
+            self.log.wait_closed(Duration::from_secs(1));
             let status = match self.status {
                 Some(s) if was_running => format!("{} (killed by the harness)", status_str(&s)),
                 Some(s) => status_str(&s),
@@ -1415,7 +1435,12 @@ pub struct TcpSocketInfo {
     pub inode: u64,
 }
 
-/// Every IPv4 and IPv6 TCP socket of this network namespace.
+/// Every IPv4 and IPv6 TCP socket of this network namespace, from `/proc/net/tcp{,6}`.
+///
+/// Beware: the kernel returns that table a page per `read`, resuming its walk of the socket hash
+/// at an offset, so while other sockets come and go (another test's load) rows are skipped — a
+/// live connection can be missing from every read. To look at one connection, use
+/// [`server_side_socket`], which asks the kernel for exactly that socket.
 pub fn tcp_sockets() -> Vec<TcpSocketInfo> {
     let mut out = Vec::new();
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
@@ -1452,12 +1477,117 @@ pub fn tcp_sockets() -> Vec<TcpSocketInfo> {
 }
 
 /// The server side of the connection from `client` (a client socket's local address) to a
-/// listener on `server`: the socket the primary accepts and hands to a worker. Established
-/// state only.
+/// listener on `server`: the socket the primary accepts and hands to a worker, whoever holds it
+/// now (`inode` 0 while it waits in the accept queue). `None` once it is closed and gone.
+///
+/// Looked up by its exact 4-tuple with a `SOCK_DIAG_BY_FAMILY` netlink request (what `ss` uses),
+/// which, unlike reading `/proc/net/tcp`, cannot miss it while other sockets churn.
 pub fn server_side_socket(server: SocketAddr, client: SocketAddr) -> Option<TcpSocketInfo> {
-    tcp_sockets()
-        .into_iter()
-        .find(|s| s.local_port == server.port() && s.remote_port == client.port() && s.state == 1)
+    sock_diag_lookup(server, client).unwrap_or_else(|e| panic!("sock_diag lookup: {e}"))
+}
+
+/// One `SOCK_DIAG_BY_FAMILY` exact lookup of the TCP socket `local` ↔ `remote`.
+fn sock_diag_lookup(local: SocketAddr, remote: SocketAddr) -> io::Result<Option<TcpSocketInfo>> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLMSG_ERROR: u16 = 2;
+    const REQ_LEN: usize = 16 + 56; // nlmsghdr + inet_diag_req_v2
+
+    fn addr_bytes(a: &SocketAddr) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        match a {
+            SocketAddr::V4(v4) => b[..4].copy_from_slice(&v4.ip().octets()),
+            SocketAddr::V6(v6) => b.copy_from_slice(&v6.ip().octets()),
+        }
+        b
+    }
+    let family = if local.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let mut req = [0u8; REQ_LEN];
+    // struct nlmsghdr (native endian)
+    req[0..4].copy_from_slice(&(REQ_LEN as u32).to_ne_bytes());
+    req[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
+    // struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid
+    req[16] = family as u8;
+    req[17] = libc::IPPROTO_TCP as u8;
+    req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
+    let id = 24;
+    req[id..id + 2].copy_from_slice(&local.port().to_be_bytes());
+    req[id + 2..id + 4].copy_from_slice(&remote.port().to_be_bytes());
+    req[id + 4..id + 20].copy_from_slice(&addr_bytes(&local));
+    req[id + 20..id + 36].copy_from_slice(&addr_bytes(&remote));
+    // idiag_if = 0; cookie = INET_DIAG_NOCOOKIE
+    req[id + 40..id + 48].copy_from_slice(&[0xff; 8]);
+
+    // SAFETY: plain socket(2); the returned fd is owned by `sock` at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: an all-zero sockaddr_nl is valid; we set the family (pid 0 = the kernel).
+    let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+    kernel.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+    // SAFETY: `req` and `kernel` are valid for the lengths passed; `sock` is open.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            req.as_ptr().cast(),
+            req.len(),
+            0,
+            (&kernel as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = [0u8; 8192];
+    // SAFETY: `buf` is valid for writes of its length; `sock` is open.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let msg = &buf[..n as usize];
+    if msg.len() < 16 {
+        return Err(bad("short netlink reply"));
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes(msg[o..o + 4].try_into().unwrap());
+    let kind = u16::from_ne_bytes([msg[4], msg[5]]);
+    if kind == NLMSG_ERROR {
+        let errno = -(u32_at(16) as i32);
+        return if errno == libc::ENOENT {
+            Ok(None)
+        } else {
+            Err(io::Error::from_raw_os_error(errno))
+        };
+    }
+    if kind != SOCK_DIAG_BY_FAMILY || msg.len() < 16 + 72 {
+        return Err(bad(format!("unexpected netlink reply type {kind}")));
+    }
+    // struct inet_diag_msg after the header: family, state, timer, retrans, sockid (48 bytes),
+    // expires, rqueue, wqueue, uid, inode.
+    let m = 16;
+    Ok(Some(TcpSocketInfo {
+        local_port: u16::from_be_bytes([msg[m + 4], msg[m + 5]]),
+        remote_port: u16::from_be_bytes([msg[m + 6], msg[m + 7]]),
+        state: msg[m + 1],
+        tx_queue: u64::from(u32_at(m + 60)),
+        rx_queue: u64::from(u32_at(m + 56)),
+        inode: u64::from(u32_at(m + 68)),
+    }))
 }
 
 /// True if `pid` has an fd on the socket with `inode`.
