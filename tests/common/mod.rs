@@ -21,8 +21,14 @@
 //! - Process helpers reading `/proc`: [`pid_alive`], [`children_of`], [`descendants_of`],
 //!   [`fd_targets`], [`environ_of`], [`processes_tagged`], and [`wait_until`] (poll with a
 //!   deadline — the only way tests synchronise; never a fixed sleep).
-//! - TCP-table helpers ([`server_side_socket`]) to know, without sleeping, whether a request has
-//!   been read by a worker (`rx_queue == 0`) or which process holds a connection (its inode).
+//! - [`server_side_socket`] (an exact `sock_diag` lookup) to know, without sleeping, whether a
+//!   request has been read by a worker (`rx_queue == 0`) or which process holds a connection
+//!   ([`pid_holds_socket`] with its inode).
+//! - [`Gate`]: a worker command that is *started* but not *online* until the test opens the gate
+//!   (the reliable way to have no worker online), and [`PrimaryBuilder::inherit_stray_fd`] to
+//!   hand the primary an inheritable fd a worker must not get.
+//! - `ROUNDHOUSE_TEST_WORKER=/path/to/worker`: run the same tests with another worker than
+//!   `hello-worker` (e.g. `examples/python/worker.py`); see [`hello_worker`].
 //! - [`roundhouse`] / [`roundhouse_with`]: one-shot CLI invocations (usage errors, client
 //!   commands) with a timeout, and [`describe`] to print command, status, stdout and stderr.
 //! - [`TempDir`]: a per-test directory under `/tmp`, removed on drop.
