@@ -107,6 +107,7 @@ done
 
 mkdir -p "$OUT/raw" "$OUT/logs"
 OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT"/raw/* "$OUT"/logs/*
 ROWS=$OUT/rows.jsonl
 : >"$ROWS"
 rm -f "$OUT/results.json" "$OUT/results.md" "$OUT/shares.png" "$OUT/shares.svg"
@@ -288,7 +289,10 @@ start_server() {
   SERVER_NAME=$name
   SERVER_LOG=$OUT/logs/$name.log
   log "starting $name: ${cmd[*]}"
-  RUST_LOG=${RUST_LOG:-info} "${cmd[@]}" </dev/null >"$SERVER_LOG" 2>&1 &
+  # Truncate here, not in the child's redirection: the child may not have run yet when the loop
+  # below first reads the log, and must not find the previous run's `ready` line there.
+  : >"$SERVER_LOG"
+  RUST_LOG=${RUST_LOG:-info} "${cmd[@]}" </dev/null >>"$SERVER_LOG" 2>&1 &
   SERVER_PID=$!
   for ((i = 0; i < READY_DEADLINE_S * 10; i++)); do
     if grep -q 'ready workers=' "$SERVER_LOG"; then
