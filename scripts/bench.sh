@@ -15,6 +15,8 @@
 #   --workloads LIST    keep-alive,conn-per-request,mixed (default: all three)
 #   --connections C     wrk connections (default 64)
 #   --threads T         wrk threads (default 2)
+#   --repeat N          run every policy N times, interleaved (round 1: all policies, round 2:
+#                       all again, ...); the report gives medians and ranges (default 1)
 #   --cpu-ms N          CPU cost of the expensive request in the mixed workload (default 5)
 #   --out DIR           output directory (default target/bench)
 #   --no-build          use the existing target/release binaries
@@ -38,6 +40,7 @@ WORKLOADS=keep-alive,conn-per-request,mixed
 CONNECTIONS=64
 THREADS=2
 CPU_MS=5
+REPEAT=1
 OUT=$ROOT/target/bench
 BUILD=1
 CHART=1
@@ -65,6 +68,7 @@ while (($#)); do
     --connections) CONNECTIONS=${2:?--connections needs a value}; shift ;;
     --threads) THREADS=${2:?--threads needs a value}; shift ;;
     --cpu-ms) CPU_MS=${2:?--cpu-ms needs a value}; shift ;;
+    --repeat) REPEAT=${2:?--repeat needs a value}; shift ;;
     --out) OUT=${2:?--out needs a value}; shift ;;
     --no-build) BUILD=0 ;;
     --no-chart) CHART=0 ;;
@@ -81,7 +85,7 @@ else
   DURATION=${DURATION:-10}
   WARMUP=${WARMUP:-3}
 fi
-for v in WORKERS DURATION WARMUP CONNECTIONS THREADS CPU_MS; do
+for v in WORKERS DURATION WARMUP CONNECTIONS THREADS CPU_MS REPEAT; do
   if ! is_uint "${!v}" || ((${!v} == 0)); then
     flag=${v,,}
     die_usage "--${flag//_/-} must be a positive integer, got '${!v}'"
@@ -371,14 +375,14 @@ run_wrk() {
 
 # Runs one workload against the current server: warm-up, reset, measure, collect one row.
 run_cell() {
-  local name=$1 workload=$2 url="http://$LISTEN/" base=$OUT/raw/$1.$2 t0 t1 rss
+  local name=$1 workload=$2 round=$3 url="http://$LISTEN/" base=$OUT/raw/$1.$2.r$3 t0 t1 rss
   local -a args=(-t "$THREADS" -c "$CONNECTIONS" --latency --timeout 5s)
   case $workload in
     keep-alive) args+=(-s "$ROOT/scripts/wrk/plain.lua") ;;
     conn-per-request) args+=(-s "$ROOT/scripts/wrk/plain.lua" -H 'Connection: close') ;;
     mixed) args+=(-s "$ROOT/scripts/wrk/mixed.lua") ;;
   esac
-  log "$name / $workload: warm-up ${WARMUP}s, measure ${DURATION}s"
+  log "$name / $workload (round $round/$REPEAT): warm-up ${WARMUP}s, measure ${DURATION}s"
   run_wrk "$base.warmup.txt" "${args[@]}" -d "${WARMUP}s" "$url" || return 1
   admin POST /stats/reset >/dev/null || { log "POST /stats/reset failed"; return 1; }
   t0=$(cpu_ticks "$SERVER_PID") || return 1
@@ -386,7 +390,7 @@ run_cell() {
   t1=$(cpu_ticks "$SERVER_PID") || return 1
   settled_stats "$base.stats.json" || { log "GET /stats failed"; return 1; }
   rss=$(rss_kib "$SERVER_PID")
-  "$PY" "$REPORT" row --policy "$name" --workload "$workload" --wrk "$base.wrk.txt" \
+  "$PY" "$REPORT" row --policy "$name" --workload "$workload" --round "$round" --wrk "$base.wrk.txt" \
     --stats "$base.stats.json" --cpu-ticks-before "$t0" --cpu-ticks-after "$t1" \
     --clk-tck "$CLK_TCK" ${rss:+--primary-rss-kib "$rss"} --out "$ROWS" || return 1
 }
@@ -395,24 +399,26 @@ run_cell() {
 
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-for name in "${POLICY_LIST[@]}"; do
-  if [[ $name == node-* || $name == roundhouse-node-* ]] && ((!HAVE_NODE)); then
-    continue
-  fi
-  if ! start_server "$name"; then
-    FAILED+=("$name: server did not start (see logs/$name.log)")
-    continue
-  fi
-  for workload in "${WORKLOAD_LIST[@]}"; do
-    if ! alive "$SERVER_PID"; then
-      FAILED+=("$name/$workload: server died (see logs/$name.log)")
-      break
+for ((round = 1; round <= REPEAT; round++)); do
+  for name in "${POLICY_LIST[@]}"; do
+    if [[ $name == node-* || $name == roundhouse-node-* ]] && ((!HAVE_NODE)); then
+      continue
     fi
-    if ! run_cell "$name" "$workload"; then
-      FAILED+=("$name/$workload: cell failed (see raw/$name.$workload.*)")
+    if ! start_server "$name"; then
+      FAILED+=("$name (round $round): server did not start (see logs/$name.log)")
+      continue
     fi
+    for workload in "${WORKLOAD_LIST[@]}"; do
+      if ! alive "$SERVER_PID"; then
+        FAILED+=("$name/$workload (round $round): server died (see logs/$name.log)")
+        break
+      fi
+      if ! run_cell "$name" "$workload" "$round"; then
+        FAILED+=("$name/$workload (round $round): cell failed (see raw/$name.$workload.r$round.*)")
+      fi
+    done
+    stop_server
   done
-  stop_server
 done
 
 # --- report -----------------------------------------------------------------------------------
@@ -420,9 +426,9 @@ done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 "$PY" - "$OUT/meta.json" "$START" "$WORKERS" "$DURATION" "$WARMUP" "$CONNECTIONS" "$THREADS" \
-  "$QUICK" "$CPU_MS" "$LOAD_START" "$LOAD_END" "${SKIPPED[@]/#/skip:}" "${FAILED[@]/#/fail:}" <<'EOF'
+  "$QUICK" "$CPU_MS" "$REPEAT" "$LOAD_START" "$LOAD_END" "${SKIPPED[@]/#/skip:}" "${FAILED[@]/#/fail:}" <<'EOF'
 import json, os, platform, subprocess, sys
-out, start, workers, duration, warmup, conns, threads, quick, cpu_ms, load0, load1, *notes = sys.argv[1:]
+out, start, workers, duration, warmup, conns, threads, quick, cpu_ms, repeat, load0, load1, *notes = sys.argv[1:]
 def sh(*cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -446,6 +452,7 @@ meta = {
     "wrk_threads": int(threads),
     "quick": quick == "1",
     "mixed_cpu_ms": int(cpu_ms),
+    "repeat": int(repeat),
     "loadavg_start": load0,
     "loadavg_end": load1,
     "wrk": (sh("wrk", "--version") or "").splitlines()[0:1],

@@ -5,12 +5,14 @@ Subcommands (bench.sh drives them; each can be run by hand on the files under ta
 
   http METHOD URL                 print the body of an HTTP request (no curl needed)
   parse-wrk FILE                  print what was parsed from one wrk --latency output, as JSON
-  row --policy P --workload W --wrk FILE --stats FILE [--cpu-ticks-before N --cpu-ticks-after N
-      --clk-tck N] [--primary-rss-kib N] [--worker-rss-kib LIST] --out ROWS.jsonl
-                                  append one result row (JSON line) to ROWS.jsonl
+  row --policy P --workload W [--round N] --wrk FILE --stats FILE [--cpu-ticks-before N
+      --cpu-ticks-after N --clk-tck N] [--primary-rss-kib N] [--worker-rss-kib LIST]
+      --out ROWS.jsonl            append one result row (JSON line) to ROWS.jsonl
   report --rows ROWS.jsonl|--results results.json [--meta meta.json] --out DIR [--no-chart]
                                   write DIR/results.json, DIR/results.md and, when matplotlib
-                                  imports, DIR/shares.png and DIR/shares.svg
+                                  imports, DIR/shares.png and DIR/shares.svg; rows repeated by
+                                  --repeat are merged (medians, summed counts) and the
+                                  per-round rows kept in DIR/runs.json
 
 Only `report` needs matplotlib (for the chart); everything else is the standard library, so the
 script works with any python3 and degrades to "no chart" rather than failing a benchmark run.
@@ -18,7 +20,8 @@ script works with any python3 and degrades to "no chart" rather than failing a b
 A row is:
   policy, workload, rps, p50_ms, p99_ms, requests, errors, error_detail,
   shares (per-worker fraction of connections_total, worker id order), jain, max_min, cv,
-  request_shares (per-worker fraction of requests_total), request_jain,
+  request_shares (per-worker fraction of requests_total), request_jain, round (row files only),
+  runs and rps_runs (results.json: rounds merged into the row and each round's req/s),
   connections (handed/accepted during the measurement), primary_cpu_ms,
   primary_cpu_us_per_conn (null when not measurable: fewer than MIN_CONNS_FOR_CPU connections),
   primary_rss_kib, worker_rss_kib (list), workers (the raw per-worker counts)
@@ -159,6 +162,7 @@ def build_row(args) -> dict:
     row = {
         "policy": args.policy,
         "workload": args.workload,
+        "round": args.round,
         "rps": round(wrk["rps"], 1),
         "p50_ms": pct.get(50.0),
         "p99_ms": pct.get(99.0),
@@ -227,7 +231,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     if meta:
         lines.append(
             "Run {date} on {machine}; {workers} workers per policy, wrk {threads} threads × "
-            "{connections} connections, {duration} s per cell after {warmup} s warm-up{quick}.".format(
+            "{connections} connections, {duration} s per cell after {warmup} s warm-up{rounds}{quick}.".format(
                 date=meta.get("date", "?"),
                 machine=meta.get("machine", "?"),
                 workers=meta.get("workers", "?"),
@@ -236,6 +240,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                 duration=meta.get("duration_s", "?"),
                 warmup=meta.get("warmup_s", "?"),
                 quick=" (--quick)" if meta.get("quick") else "",
+                rounds=f", {meta['repeat']} rounds" if (meta.get("repeat") or 1) > 1 else "",
             )
         )
         if meta.get("loadavg_start"):
@@ -256,21 +261,36 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         "",
     ]
     workloads = _order({r["workload"] for r in rows}, WORKLOAD_ORDER)
+    repeated = any((r.get("runs") or 1) > 1 for r in rows)
+    if repeated:
+        lines += [
+            "Each cell ran several rounds (all policies once per round, interleaved): req/s and",
+            "latency are medians over rounds, with the range of req/s; shares are over the summed",
+            "counts.",
+            "",
+        ]
     for wl in workloads:
         lines.append(f"## {WORKLOAD_TITLES.get(wl, wl)}")
         lines.append("")
         lines.append(
-            "| policy | req/s | p50 ms | p99 ms | conn shares % | Jain | max/min | CV "
+            "| policy | req/s |"
+            + (" req/s range (runs) |" if repeated else "")
+            + " p50 ms | p99 ms | conn shares % | Jain | max/min | CV "
             "| req shares % | req Jain | primary µs/conn | errors |"
         )
-        lines.append("|---|--:|--:|--:|---|--:|--:|--:|---|--:|--:|--:|")
+        lines.append("|---|--:|" + ("--:|" if repeated else "") + "--:|--:|---|--:|--:|--:|---|--:|--:|--:|")
         wl_rows = [r for r in rows if r["workload"] == wl]
         for r in sorted(wl_rows, key=lambda r: _order_key(r["policy"])):
+            rng = ""
+            if repeated:
+                runs = r.get("rps_runs") or [r.get("rps")]
+                rng = " {:,.0f}–{:,.0f} ({}) |".format(min(runs), max(runs), len(runs))
             lines.append(
-                "| {policy} | {rps} | {p50} | {p99} | {sh} | {jain} | {mm} | {cv} | {rsh} | {rj} "
+                "| {policy} | {rps} |{rng} {p50} | {p99} | {sh} | {jain} | {mm} | {cv} | {rsh} | {rj} "
                 "| {cpu} | {err} |".format(
                     policy=r["policy"],
                     rps=_fmt(r.get("rps"), "{:,.0f}"),
+                    rng=rng,
                     p50=_fmt(r.get("p50_ms")),
                     p99=_fmt(r.get("p99_ms")),
                     sh=_shares_text(r.get("shares")),
@@ -464,6 +484,78 @@ def render_chart(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+def _median(xs):
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    m = len(xs) // 2
+    return xs[m] if len(xs) % 2 else (xs[m - 1] + xs[m]) / 2
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Merges the rounds of `--repeat` into one row per policy × workload.
+
+    Throughput and latency are the median over rounds (`rps_runs` keeps every round's req/s);
+    shares and fairness are recomputed over the per-worker counts summed across rounds; primary
+    CPU per connection is total CPU over total connections; memory is the largest seen. A single
+    round passes through unchanged apart from `runs` and `rps_runs`.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["policy"], r["workload"]), []).append(r)
+    out = []
+    for (policy, workload), rs in groups.items():
+        if len(rs) == 1:
+            out.append({**rs[0], "runs": 1, "rps_runs": [rs[0]["rps"]]})
+            continue
+        by_id: dict = {}
+        for r in rs:
+            for w in r.get("workers") or []:
+                acc = by_id.setdefault(w["id"], {"id": w["id"], "connections_total": 0,
+                                                 "requests_total": 0})
+                acc["connections_total"] += w["connections_total"]
+                acc["requests_total"] += w["requests_total"]
+        workers = [by_id[k] for k in sorted(by_id, key=lambda k: (k is None, k))]
+        f = fairness([w["connections_total"] for w in workers])
+        rf = fairness([w["requests_total"] for w in workers])
+        conns = sum(w["connections_total"] for w in workers)
+        cpu = [r["primary_cpu_ms"] for r in rs if r.get("primary_cpu_ms") is not None]
+        cpu_ms = sum(cpu) if len(cpu) == len(rs) else None
+        detail: dict = {}
+        for r in rs:
+            for k, v in (r.get("error_detail") or {}).items():
+                detail[k] = detail.get(k, 0) + v
+        rss = [r["primary_rss_kib"] for r in rs if r.get("primary_rss_kib")]
+        out.append({
+            "policy": policy,
+            "workload": workload,
+            "rps": _median([r["rps"] for r in rs]),
+            "p50_ms": _median([r.get("p50_ms") for r in rs]),
+            "p99_ms": _median([r.get("p99_ms") for r in rs]),
+            "requests": sum(r["requests"] for r in rs),
+            "errors": sum(r["errors"] for r in rs),
+            "error_detail": detail,
+            "shares": f["shares"],
+            "jain": f["jain"],
+            "max_min": f["max_min"],
+            "cv": f["cv"],
+            "request_shares": rf["shares"],
+            "request_jain": rf["jain"],
+            "connections": conns,
+            "served_requests": sum(w["requests_total"] for w in workers),
+            "primary_cpu_ms": round(cpu_ms, 1) if cpu_ms is not None else None,
+            "primary_cpu_us_per_conn": round(cpu_ms * 1000.0 / conns, 2)
+            if cpu_ms is not None and conns >= MIN_CONNS_FOR_CPU * len(rs)
+            else None,
+            "primary_rss_kib": max(rss) if rss else None,
+            "worker_rss_kib": rs[-1].get("worker_rss_kib"),
+            "workers": workers,
+            "runs": len(rs),
+            "rps_runs": [r["rps"] for r in rs],
+        })
+    return out
+
+
 def cmd_report(args) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -472,6 +564,10 @@ def cmd_report(args) -> int:
     else:
         rows = json.loads(Path(args.results).read_text())
     meta = json.loads(Path(args.meta).read_text()) if args.meta else {}
+    if args.rows and any(r.get("runs") is None for r in rows):
+        if len({(r["policy"], r["workload"]) for r in rows}) < len(rows):
+            (out_dir / "runs.json").write_text(json.dumps(rows, indent=2) + "\n")
+        rows = aggregate(rows)
     rows.sort(key=lambda r: (_workload_key(r["workload"]), _order_key(r["policy"])))
     results = out_dir / "results.json"
     if not args.results or Path(args.results).resolve() != results.resolve():
@@ -513,6 +609,7 @@ def main(argv=None) -> int:
     r = sub.add_parser("row")
     r.add_argument("--policy", required=True)
     r.add_argument("--workload", required=True)
+    r.add_argument("--round", type=int, default=1, help="round number under --repeat")
     r.add_argument("--wrk", required=True)
     r.add_argument("--stats", required=True)
     r.add_argument("--cpu-ticks-before", type=int)

@@ -170,5 +170,40 @@ class RowAndReport(unittest.TestCase):
             self.assertEqual(row["jain"], 1.0)
 
 
+class Aggregate(unittest.TestCase):
+    def row(self, rps, p99, counts, cpu_ms, rnd):
+        return {
+            "policy": "rr", "workload": "conn-per-request", "round": rnd, "rps": rps,
+            "p50_ms": 1.0, "p99_ms": p99, "requests": sum(counts), "errors": 1,
+            "error_detail": {"read": 1}, "primary_cpu_ms": cpu_ms, "primary_rss_kib": 4000 + rnd,
+            "worker_rss_kib": [1, 2],
+            "workers": [{"id": i + 1, "connections_total": c, "requests_total": c}
+                        for i, c in enumerate(counts)],
+        }
+
+    def test_rounds_merge(self):
+        rows = [
+            self.row(1000.0, 10.0, [3000, 1000], 40.0, 1),
+            self.row(3000.0, 30.0, [1000, 3000], 40.0, 2),
+            self.row(2000.0, 20.0, [2000, 2000], 40.0, 3),
+        ]
+        (m,) = br.aggregate(rows)
+        self.assertEqual(m["runs"], 3)
+        self.assertEqual(m["rps"], 2000.0)
+        self.assertEqual(m["p99_ms"], 20.0)
+        self.assertEqual(m["rps_runs"], [1000.0, 3000.0, 2000.0])
+        # Summed counts are 6000/6000: perfectly fair overall.
+        self.assertEqual(m["shares"], [0.5, 0.5])
+        self.assertEqual(m["jain"], 1.0)
+        self.assertEqual(m["errors"], 3)
+        self.assertEqual(m["error_detail"], {"read": 3})
+        self.assertAlmostEqual(m["primary_cpu_us_per_conn"], 120_000 / 12000)
+        self.assertEqual(m["primary_rss_kib"], 4003)
+
+    def test_single_round_passes_through(self):
+        (m,) = br.aggregate([self.row(1000.0, 10.0, [1, 3], 1.0, 1)])
+        self.assertEqual((m["runs"], m["rps_runs"], m["rps"]), (1, [1000.0], 1000.0))
+
+
 if __name__ == "__main__":
     unittest.main()
