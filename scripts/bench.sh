@@ -21,6 +21,9 @@
 #   --out DIR           output directory (default target/bench)
 #   --no-build          use the existing target/release binaries
 #   --no-chart          do not set up matplotlib; write results.json/results.md only
+#   --no-floor          skip the accept floor (scripts/accept_floor.c, a bare accept+close loop
+#                       loaded like connection-per-request once per round, built with cc when
+#                       one is installed): the CPU per connection of the kernel's part alone
 #
 # Everything it starts (servers, their workers) is stopped by pid on exit, even on Ctrl-C.
 # Exit status: 0 when every cell ran; 1 when any cell or server failed (the report of the cells
@@ -44,6 +47,8 @@ REPEAT=1
 OUT=$ROOT/target/bench
 BUILD=1
 CHART=1
+FLOOR=1
+FLOOR_VALUES=()
 READY_DEADLINE_S=30
 STOP_DEADLINE_S=15
 
@@ -72,6 +77,7 @@ while (($#)); do
     --out) OUT=${2:?--out needs a value}; shift ;;
     --no-build) BUILD=0 ;;
     --no-chart) CHART=0 ;;
+    --no-floor) FLOOR=0 ;;
     -h | --help) usage; exit 0 ;;
     *) die_usage "unknown argument '$1' (see --help)" ;;
   esac
@@ -395,6 +401,44 @@ run_cell() {
     --clk-tck "$CLK_TCK" ${rss:+--primary-rss-kib "$rss"} --out "$ROWS" || return 1
 }
 
+# Loads scripts/accept_floor.c (a bare accept4+close loop) like connection-per-request and
+# appends its CPU µs per connection to FLOOR_VALUES: the kernel's share of the primary's cost,
+# measured under the same conditions as the rows.
+FLOOR_BIN=
+measure_floor() {
+  local round=$1 port i us
+  if [[ -z $FLOOR_BIN ]]; then
+    local cc
+    cc=$(command -v cc || command -v gcc || true)
+    if [[ -z $cc ]]; then
+      SKIPPED+=("accept floor: no C compiler")
+      FLOOR=0
+      return 0
+    fi
+    "$cc" -O2 -o "$OUT/accept_floor" "$ROOT/scripts/accept_floor.c" || return 1
+    FLOOR_BIN=$OUT/accept_floor
+  fi
+  SERVER_NAME=accept-floor
+  SERVER_LOG=
+  : >"$OUT/raw/floor.r$round.port"
+  "$FLOOR_BIN" >"$OUT/raw/floor.r$round.port" 2>"$OUT/raw/floor.r$round.txt" </dev/null &
+  SERVER_PID=$!
+  for ((i = 0; i < 50; i++)); do
+    [[ -s $OUT/raw/floor.r$round.port ]] && break
+    sleep 0.1
+  done
+  port=$(head -n1 "$OUT/raw/floor.r$round.port")
+  [[ -n $port ]] || { log "accept floor did not start"; stop_server; return 1; }
+  log "accept floor (round $round/$REPEAT): measure ${DURATION}s"
+  run_wrk "$OUT/raw/floor.r$round.wrk.txt" -t "$THREADS" -c "$CONNECTIONS" -d "${DURATION}s" \
+    -s "$ROOT/scripts/wrk/plain.lua" "http://127.0.0.1:$port/" || { stop_server; return 1; }
+  stop_server
+  us=$(grep -o 'us_per_conn=[0-9.]*' "$OUT/raw/floor.r$round.txt" | cut -d= -f2 || true)
+  [[ -n $us ]] || { log "accept floor printed no result"; return 1; }
+  log "accept floor: ${us} µs CPU per connection"
+  FLOOR_VALUES+=("$us")
+}
+
 # --- the run ----------------------------------------------------------------------------------
 
 START=$(date -u +%Y-%m-%dT%H:%M:%SZ)
@@ -419,6 +463,9 @@ for ((round = 1; round <= REPEAT; round++)); do
     done
     stop_server
   done
+  if ((FLOOR)) && [[ ,$WORKLOADS, == *,conn-per-request,* ]]; then
+    measure_floor "$round" || FAILED+=("accept floor (round $round): failed (see raw/floor.r$round.*)")
+  fi
 done
 
 # --- report -----------------------------------------------------------------------------------
@@ -426,9 +473,10 @@ done
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 
 "$PY" - "$OUT/meta.json" "$START" "$WORKERS" "$DURATION" "$WARMUP" "$CONNECTIONS" "$THREADS" \
-  "$QUICK" "$CPU_MS" "$REPEAT" "$LOAD_START" "$LOAD_END" "${SKIPPED[@]/#/skip:}" "${FAILED[@]/#/fail:}" <<'EOF'
+  "$QUICK" "$CPU_MS" "$REPEAT" "$LOAD_START" "$LOAD_END" "${FLOOR_VALUES[*]-}" "${SKIPPED[@]/#/skip:}" "${FAILED[@]/#/fail:}" <<'EOF'
 import json, os, platform, subprocess, sys
-out, start, workers, duration, warmup, conns, threads, quick, cpu_ms, repeat, load0, load1, *notes = sys.argv[1:]
+(out, start, workers, duration, warmup, conns, threads, quick, cpu_ms, repeat, load0, load1,
+ floor, *notes) = sys.argv[1:]
 def sh(*cmd):
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -453,6 +501,7 @@ meta = {
     "quick": quick == "1",
     "mixed_cpu_ms": int(cpu_ms),
     "repeat": int(repeat),
+    "accept_floor_us_per_conn": [float(x) for x in floor.split()],
     "loadavg_start": load0,
     "loadavg_end": load1,
     "wrk": (sh("wrk", "--version") or "").splitlines()[0:1],

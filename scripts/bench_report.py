@@ -304,7 +304,7 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                 )
             )
         lines.append("")
-    lines += render_targets(rows)
+    lines += render_targets(rows, meta)
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -319,7 +319,7 @@ def _order_key(policy):
     return (POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER), policy)
 
 
-def render_targets(rows):
+def render_targets(rows, meta=None):
     """The issue's performance targets, computed from this run where the rows exist."""
     checks = []
 
@@ -356,6 +356,15 @@ def render_targets(rows):
                 lambda v: v <= 10,
                 "{:.1f}",
             )
+            floor = _median((meta or {}).get("accept_floor_us_per_conn") or [])
+            if floor is not None:
+                add(
+                    "bare accept4+close loop CPU µs per connection (floor, same run)",
+                    floor,
+                    "–",
+                    None,
+                    "{:.1f}",
+                )
         if r["policy"] == "node-rr" and r["workload"] == "conn-per-request":
             add(
                 "node-rr primary CPU µs per connection (reference)",
@@ -468,6 +477,7 @@ def render_chart(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     if meta:
         subtitle = (
             f" — {meta.get('workers', '?')} workers, {meta.get('duration_s', '?')} s per cell"
+            + (f" × {meta['repeat']} rounds" if (meta.get("repeat") or 1) > 1 else "")
             + (" (quick)" if meta.get("quick") else "")
         )
     fig.suptitle(
