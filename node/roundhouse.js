@@ -116,6 +116,7 @@
       this.refed = true;
       this.closed = false;
       this.onconnection = null;
+      this.fd = -1; // no socket of its own (read by some tooling, as on a TCP handle)
     }
     listen() {
       return 0;
