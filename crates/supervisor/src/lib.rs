@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod listen;
+pub(crate) mod node;
 pub mod notify;
 mod primary;
 pub mod spawn;
