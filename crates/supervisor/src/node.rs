@@ -29,8 +29,6 @@
 //! handle is in flight, [`NodeEvent::HandleAck`]/[`NodeEvent::HandleNack`] end it.
 
 #![forbid(unsafe_code)]
-// Until the owner loop uses the codec (issue 8); remove when it does.
-#![allow(dead_code)]
 
 use roundhouse_proto::frame::{ConnRecord, Recipient, Stats, ACK_MAX_IDS, TO_ALL};
 use serde_json::Value;
@@ -108,6 +106,12 @@ impl NodeCodec {
             .as_bytes(),
         );
         true
+    }
+
+    /// Forgets the handle line just encoded because it could not be sent (the channel was
+    /// full); the connection goes to another worker and this one may take the next handle.
+    pub fn cancel_in_flight(&mut self) {
+        self.in_flight = None;
     }
 
     /// Appends the drain request.
@@ -335,6 +339,70 @@ fn counter(v: &Value, name: &str) -> Result<u64, String> {
     v.get(name)
         .and_then(Value::as_u64)
         .ok_or_else(|| format!("stats without a valid {name}"))
+}
+
+/// The preload shim, embedded so that `roundhouse run --node` needs no file of the repository.
+pub(crate) const SHIM: &str = include_str!("../../../node/roundhouse.js");
+
+/// Writes the embedded shim to a private directory (`$TMPDIR/roundhouse-node-<pid>/`, mode
+/// 0700) and returns its path. The directory is the primary's: `remove_shim` deletes it at exit.
+pub(crate) fn write_shim() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("roundhouse-node-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+    let path = dir.join("roundhouse.js");
+    std::fs::write(&path, SHIM)?;
+    Ok(path)
+}
+
+/// Removes what `write_shim` wrote.
+pub(crate) fn remove_shim(path: &std::path::Path) {
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// The environment of a `--node` worker (node/README.md, section 2).
+pub(crate) fn worker_env(
+    channel_fd: usize,
+    shim: Option<&std::path::Path>,
+    addrs: &[std::net::SocketAddr],
+    backlog: u32,
+) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+    let mut env: Vec<(std::ffi::OsString, std::ffi::OsString)> = vec![
+        ("NODE_CHANNEL_FD".into(), channel_fd.to_string().into()),
+        ("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()),
+        ("ROUNDHOUSE_NODE".into(), "1".into()),
+        (
+            "ROUNDHOUSE_LISTENERS".into(),
+            addrs
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+        ),
+        ("ROUNDHOUSE_BACKLOG".into(), backlog.to_string().into()),
+    ];
+    if let Some(shim) = shim {
+        // Node's NODE_OPTIONS parser honours "..." with backslash escapes.
+        let quoted: String = shim
+            .to_string_lossy()
+            .chars()
+            .flat_map(|c| match c {
+                '"' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        let mut opts = std::env::var("NODE_OPTIONS").unwrap_or_default();
+        if !opts.is_empty() {
+            opts.push(' ');
+        }
+        opts.push_str(&format!("--require \"{quoted}\""));
+        env.push(("NODE_OPTIONS".into(), opts.into()));
+    }
+    env
 }
 
 #[cfg(test)]
