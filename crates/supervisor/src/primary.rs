@@ -62,6 +62,8 @@ const TICK: Duration = Duration::from_millis(50);
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Time a worker whose channel closed gets to be reaped before it is SIGKILLed.
+const CHANNEL_CLOSED_GRACE: Duration = Duration::from_millis(200);
 /// Time a hung worker gets between SIGTERM and SIGKILL.
 const HUNG_KILL_GRACE: Duration = Duration::from_secs(1);
 /// How long a worker that refused a connection while online is skipped.
@@ -135,6 +137,8 @@ struct Worker {
     /// Ready deadline (Starting), grace deadline (Draining), SIGKILL deadline (Dying).
     deadline: Option<Instant>,
     sigkilled: bool,
+    /// Why a `Dying` worker that has not been SIGKILLed yet will be at its deadline.
+    dying_reason: &'static str,
     recycle_at: Option<u64>,
 }
 
@@ -845,6 +849,15 @@ impl Primary {
     }
 
     fn relay(&mut self, from: u32, to: Recipient, json: &[u8]) {
+        if json.len() > frame::MAX_MESSAGE && to != Recipient::Primary {
+            // Only a Node worker's line can be this long; it would not fit a native frame.
+            warn!(
+                worker.id = from,
+                bytes = json.len(),
+                "message too large to relay; dropped"
+            );
+            return;
+        }
         match to {
             Recipient::Primary => {
                 let text = String::from_utf8_lossy(json);
@@ -1111,6 +1124,7 @@ impl Primary {
             last_seen: now,
             deadline: Some(now + self.cfg.ready_timeout),
             sigkilled: false,
+            dying_reason: "",
             recycle_at,
         };
         let k = match self.free_keys.pop() {
@@ -1229,12 +1243,14 @@ impl Primary {
             worker.pid = w.pid,
             "killing worker: {why}"
         );
+        // Signal first, then drop the channel: the worker must not see end-of-file and exit
+        // "cleanly" before the kill lands.
+        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+        w.sigkilled = true;
         w.state = WState::Dying;
         w.chan = None;
         w.outbox.clear();
         w.write_blocked = false;
-        w.sigkilled = true;
-        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
         self.reclaim(k);
         self.rebuild_rotation();
         self.dispatch();
@@ -1264,10 +1280,18 @@ impl Primary {
                 self.reclaim(k);
                 self.dispatch();
             }
-            // An exiting process closes its channel just before SIGCHLD; one that keeps running
-            // without its channel is broken. Either way SIGKILL is right: the pid is not reaped
-            // yet, so it cannot belong to anyone else.
-            _ => self.kill_worker(k, "its channel closed"),
+            // An exiting process closes its channel just before SIGCHLD arrives; one that keeps
+            // running without its channel is broken. Take its connections back now (it can no
+            // longer acknowledge them) and give it a moment to be reaped before SIGKILL.
+            _ => {
+                w.state = WState::Dying;
+                w.outbox.clear();
+                w.deadline = Some(Instant::now() + CHANNEL_CLOSED_GRACE);
+                w.dying_reason = "it closed its channel but kept running";
+                self.reclaim(k);
+                self.rebuild_rotation();
+                self.dispatch();
+            }
         }
     }
 
@@ -1431,6 +1455,12 @@ impl Primary {
                     continue;
                 }
                 (WState::Dying, Some(d)) if d <= now && !w.sigkilled => {
+                    warn!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        "killing worker: {}",
+                        w.dying_reason
+                    );
                     w.sigkilled = true;
                     let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
                     continue;
@@ -1449,6 +1479,7 @@ impl Primary {
                     w.chan = None;
                     w.outbox.clear();
                     w.deadline = Some(now + HUNG_KILL_GRACE);
+                    w.dying_reason = "it did not exit after SIGTERM";
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                     // SIGTERM does not reach a stopped process; make sure it can act on it.
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
