@@ -163,6 +163,8 @@ class Worker:
             if err:
                 self.errors.append(f"{err}: {f!r}")
             with self.lock:
+                if kind == K_READY and any(x.kind == K_READY for x in self.all_frames):
+                    self.errors.append("a second READY")
                 if kind in (K_ACK, K_REFUSE) and not err:
                     for cid in f.ids():
                         sock = self.held.pop(cid, None)
@@ -623,7 +625,7 @@ def main():
     if only is None:
         checks = CHECKS
     else:
-        checks = [c for c in CHECKS if c.__name__.removeprefix("check_") in only]
+        checks = [c for c in CHECKS if c.__name__[len("check_"):] in only]
     failed = 0
     for c in checks:
         if "misbehave" in c.__name__ and cmd[-1] != os.path.join(HERE, "worker.py"):

@@ -417,13 +417,15 @@ class Pool:
 class Worker:
     """Speaks the roundhouse protocol on ``ROUNDHOUSE_FD`` and serves ``app`` over HTTP/1.1.
 
-    ``app(request) -> Response`` runs on a pool thread.  ``on_message(sender, value)``, if given,
-    is called on the channel thread for every MESSAGE after the built-in ping/pong.  ``on_tick``,
-    if given, is called on the stats thread every 100 ms with the worker.
+    ``app(request) -> Response`` runs on a pool thread.  Optional hooks, each given the worker:
+    ``on_message(sender, value)`` on the channel thread for every MESSAGE (after the built-in
+    ping/pong); ``on_tick(worker)`` on the stats thread every 100 ms; ``on_response(worker)`` on
+    the pool thread right after each response is written and counted.
     """
 
-    def __init__(self, app, *, threads=None, on_message=None, on_tick=None):
-        self.app, self.on_message, self.on_tick = app, on_message, on_tick
+    def __init__(self, app, *, threads=None, on_message=None, on_tick=None, on_response=None):
+        self.app, self.on_message = app, on_message
+        self.on_tick, self.on_response = on_tick, on_response
         try:
             fd = int(os.environ["ROUNDHOUSE_FD"])
             self.worker_id = int(os.environ["ROUNDHOUSE_WORKER_ID"])
@@ -643,6 +645,8 @@ class Worker:
         conn.served += 1
         with self._lock:
             self.requests += 1
+        if self.on_response:
+            self.on_response(self)
         return keep
 
     # -- the I/O thread ----------------------------------------------------------------------

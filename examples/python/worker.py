@@ -29,7 +29,9 @@ test can watch the primary kill and replace it:
               badack    an ACK for a connection id it was never given
               silent    stops sending anything (no STATS, no HEARTBEAT)
               hang      stops reading the channel
-    after=N   once N requests have been served (default 0: right after READY)
+    after=N   right after the Nth response is written, on the thread that wrote it, so the bad
+              frame precedes on the channel any ACK of a later connection (default 0: within
+              100 ms of READY)
     worker=ID only the worker with this id misbehaves (default: every worker)
     once=PATH only one process misbehaves: the one that creates PATH (O_EXCL); its replacement
               finds PATH and behaves
@@ -38,6 +40,7 @@ test can watch the primary kill and replace it:
 import json
 import os
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -99,6 +102,7 @@ class Misbehaviour:
             raise SystemExit(f"ROUNDHOUSE_PY_MISBEHAVE: unknown mode {mode!r} (one of {self.MODES})")
         self.mode, self.after, self.done = mode, 0, False
         self.once = None
+        self._lock = threading.Lock()
         for opt in opts:
             key, _, value = opt.partition("=")
             if key == "after":
@@ -110,10 +114,19 @@ class Misbehaviour:
             else:
                 raise SystemExit(f"ROUNDHOUSE_PY_MISBEHAVE: unknown option {opt!r}")
 
-    def tick(self, w):
-        if self.done or w.stats()[2] < self.after:
-            return
-        self.done = True
+    def on_tick(self, w):
+        if self.after == 0:
+            self._trigger(w)
+
+    def on_response(self, w):
+        if self.after and w.stats()[2] >= self.after:
+            self._trigger(w)
+
+    def _trigger(self, w):
+        with self._lock:
+            if self.done:
+                return
+            self.done = True
         if self.once is not None:
             try:
                 os.close(os.open(self.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
@@ -145,7 +158,10 @@ def main():
     worker_id = int(os.environ.get("ROUNDHOUSE_WORKER_ID", "0"))
     spec = os.environ.get("ROUNDHOUSE_PY_MISBEHAVE")
     misbehaviour = Misbehaviour(spec, worker_id) if spec else None
-    worker = rw.Worker(make_app(worker_id), on_tick=misbehaviour.tick if misbehaviour else None)
+    hooks = {}
+    if misbehaviour:
+        hooks = {"on_tick": misbehaviour.on_tick, "on_response": misbehaviour.on_response}
+    worker = rw.Worker(make_app(worker_id), **hooks)
     worker.run()
 
 
