@@ -46,7 +46,7 @@ macro_rules! require_python3 {
 /// Dropping it kills the primary and its workers (by pid) and reaps the primary.
 struct Primary {
     child: Child,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    log: Arc<(Mutex<Log>, Condvar)>,
     dir: PathBuf,
     control: PathBuf,
     command: String,
@@ -78,14 +78,16 @@ impl Primary {
             .spawn()
             .unwrap_or_else(|e| panic!("could not spawn {command}: {e}"));
         let stderr = child.stderr.take().expect("piped stderr");
-        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let log = Arc::new((Mutex::new(Log::default()), Condvar::new()));
         let sink = Arc::clone(&log);
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                sink.0.lock().unwrap().push(line);
+                sink.0.lock().unwrap().lines.push(line);
                 sink.1.notify_all();
             }
+            sink.0.lock().unwrap().closed = true;
+            sink.1.notify_all();
         });
         Primary {
             child,
@@ -98,33 +100,40 @@ impl Primary {
 
     /// The command line and everything logged so far, for failure messages.
     fn dump(&self) -> String {
-        let lines = self.log.0.lock().unwrap();
+        let lines = self.log.0.lock().unwrap().lines.join("\n");
         format!(
-            "command: {}\n--- log ---\n{}\n--- end of log ---",
-            self.command,
-            lines.join("\n")
+            "command: {}\n--- log ---\n{lines}\n--- end of log ---",
+            self.command
         )
     }
 
     fn lines(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().clone()
+        self.log.0.lock().unwrap().lines.clone()
     }
 
     /// The first log line satisfying `pred`, waiting up to `timeout`.
     fn wait_for(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + timeout;
         let (lock, cv) = &*self.log;
-        let mut lines = lock.lock().unwrap();
+        let mut log = lock.lock().unwrap();
         loop {
-            if let Some(line) = lines.iter().find(|l| pred(l)) {
+            if let Some(line) = log.lines.iter().find(|l| pred(l)) {
                 return line.clone();
             }
             let now = Instant::now();
-            if now >= deadline {
-                drop(lines);
-                panic!("no log line {what} within {timeout:?}\n{}", self.dump());
+            if now >= deadline || log.closed {
+                let when = if log.closed {
+                    "before the primary closed stderr"
+                } else {
+                    "in time"
+                };
+                drop(log);
+                panic!(
+                    "no log line {what} {when} (waited up to {timeout:?})\n{}",
+                    self.dump()
+                );
             }
-            lines = cv.wait_timeout(lines, deadline - now).unwrap().0;
+            log = cv.wait_timeout(log, deadline - now).unwrap().0;
         }
     }
 
@@ -186,6 +195,13 @@ impl Primary {
             self.dump()
         );
     }
+}
+
+/// The primary's stderr, line by line; `closed` once it reached end-of-file.
+#[derive(Default)]
+struct Log {
+    lines: Vec<String>,
+    closed: bool,
 }
 
 impl Drop for Primary {
