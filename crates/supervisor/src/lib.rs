@@ -1,1 +1,275 @@
-//! stub
+//! The roundhouse primary, as a library.
+//!
+//! # Theory of operation
+//!
+//! [`start`] checks the command, binds every listener (so a busy port is an error the caller
+//! sees at once), and starts the primary on a thread of its own running a single-threaded tokio
+//! runtime. That thread is the *owner*: it alone accepts connections, spawns and reaps workers,
+//! reads and writes their channels and keeps the counters (see `primary`). Everyone else —
+//! the `roundhouse` binary's signal handlers, the admin endpoint, the control socket, an
+//! embedding program — talks to it through an [`ApiClient`] (requests with a reply) and watches
+//! it through [`Event`]s, the way Node's `cluster.on('fork' | 'online' | 'exit' | 'message')`
+//! works.
+//!
+//! Why a dedicated thread: workers are started with `PR_SET_PDEATHSIG`, which fires when the
+//! *thread* that forked them exits, not the process. Forking from one long-lived thread keeps
+//! that promise ("no orphans", even if the primary is SIGKILLed) without killing workers when a
+//! runtime's pool thread retires. It also keeps the hot path on one core with no locks.
+//!
+//! ```no_run
+//! use roundhouse_supervisor::{Builder, Event};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let handle = Builder::new("hello-worker")
+//!     .listen("127.0.0.1:8000".parse()?)
+//!     .workers(4)
+//!     .start()?;
+//! let mut events = handle.subscribe();
+//! // ... react to events (in an async context), send requests through handle.api() ...
+//! handle.join()?;
+//! # Ok(()) }
+//! ```
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod control;
+pub mod events;
+pub mod listen;
+pub mod notify;
+mod primary;
+pub mod spawn;
+pub mod stats;
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc};
+
+pub use api::{ApiClient, Request, Target};
+pub use config::{parse_duration, Config, Policy, MAX_WORKERS};
+pub use events::{Event, ExitInfo};
+pub use stats::StatsSnapshot;
+
+/// Why the supervisor could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bind(#[from] listen::BindError),
+    #[error(transparent)]
+    Spawn(#[from] spawn::SpawnError),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("could not start the admin endpoint on {addr}: {source}")]
+    Admin {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("could not start the primary: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the primary thread panicked")]
+    Panicked,
+}
+
+/// Builds a [`Config`] and starts the supervisor.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    cfg: Config,
+}
+
+impl Builder {
+    /// A supervisor for `command` (looked up in `PATH` like `execvp`).
+    pub fn new(command: impl Into<OsString>) -> Self {
+        Builder {
+            cfg: Config::new(command),
+        }
+    }
+    pub fn from_config(cfg: Config) -> Self {
+        Builder { cfg }
+    }
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.cfg.args.push(arg.into());
+        self
+    }
+    pub fn args<I: IntoIterator<Item = S>, S: Into<OsString>>(mut self, args: I) -> Self {
+        self.cfg.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+    /// Adds a listener (repeatable). Port 0 picks a free port.
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.cfg.listen.push(addr);
+        self
+    }
+    pub fn workers(mut self, n: u32) -> Self {
+        self.cfg.workers = n;
+        self
+    }
+    pub fn policy(mut self, p: Policy) -> Self {
+        self.cfg.policy = p;
+        self
+    }
+    pub fn grace(mut self, d: Duration) -> Self {
+        self.cfg.grace = d;
+        self
+    }
+    pub fn ready_timeout(mut self, d: Duration) -> Self {
+        self.cfg.ready_timeout = d;
+        self
+    }
+    /// `None` turns hung-worker detection off.
+    pub fn heartbeat_timeout(mut self, d: Option<Duration>) -> Self {
+        self.cfg.heartbeat_timeout = d;
+        self
+    }
+    pub fn max_requests(mut self, n: Option<u64>) -> Self {
+        self.cfg.max_requests = n;
+        self
+    }
+    pub fn backlog(mut self, n: u32) -> Self {
+        self.cfg.backlog = n;
+        self
+    }
+    pub fn admin(mut self, addr: SocketAddr) -> Self {
+        self.cfg.admin = Some(addr);
+        self
+    }
+    pub fn control(mut self, path: PathBuf) -> Self {
+        self.cfg.control = Some(path);
+        self
+    }
+    /// Workers are Node.js programs speaking Node's IPC channel.
+    pub fn node(mut self, on: bool) -> Self {
+        self.cfg.node = on;
+        self
+    }
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    /// Checks the configuration, binds everything and starts the primary.
+    pub fn start(self) -> Result<Handle, RunError> {
+        start(self.cfg)
+    }
+}
+
+/// A running supervisor.
+pub struct Handle {
+    api: ApiClient,
+    events: broadcast::Sender<Event>,
+    admin_addr: Option<SocketAddr>,
+    thread: std::thread::JoinHandle<Result<(), RunError>>,
+    done: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Handle {
+    /// Sends requests (stats, reload, scale, send, stop) to the primary.
+    pub fn api(&self) -> ApiClient {
+        self.api.clone()
+    }
+    /// Events from now on. A slow receiver loses the oldest (`RecvError::Lagged`) rather than
+    /// growing the primary's memory.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+    /// The admin endpoint's bound address (with the real port when 0 was asked).
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+    /// Waits (blocking) until the primary has stopped.
+    pub fn join(self) -> Result<(), RunError> {
+        self.thread.join().unwrap_or(Err(RunError::Panicked))
+    }
+    /// Waits (async) until the primary has stopped.
+    pub async fn wait(self) -> Result<(), RunError> {
+        let Handle { thread, done, .. } = self;
+        let _ = done.await;
+        thread.join().unwrap_or(Err(RunError::Panicked))
+    }
+}
+
+/// Raises the soft fd limit to the hard one: the primary holds a copy of every unacknowledged
+/// connection and the kernel counts fds in flight against this limit (`ETOOMANYREFS`).
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// Starts the supervisor described by `cfg`.
+pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
+    if cfg.workers == 0 || cfg.workers > MAX_WORKERS {
+        return Err(RunError::Config(format!(
+            "--workers must be 1..={MAX_WORKERS}, got {}",
+            cfg.workers
+        )));
+    }
+    if cfg.listen.is_empty() {
+        cfg.listen.push(SocketAddr::from(([127, 0, 0, 1], 8000)));
+    }
+    if cfg.listen.len() > 60 {
+        return Err(RunError::Config("at most 60 listeners".into()));
+    }
+    let exe = spawn::resolve_command(&cfg.command)?;
+    raise_fd_limit();
+    let reuse = cfg.policy == Policy::ReusePort;
+    let mut listeners = Vec::new();
+    for addr in &cfg.listen {
+        let l = listen::bind(*addr, cfg.backlog, reuse)?;
+        // Port 0 under reuseport: every slot must bind the port the first bind picked.
+        listeners.push(l);
+    }
+    let admin = match cfg.admin {
+        Some(addr) => Some(listen::bind(addr, 128, false).map_err(|e| RunError::Admin {
+            addr,
+            source: e.source,
+        })?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+    let control_path = cfg
+        .control
+        .clone()
+        .unwrap_or_else(control::default_control_path);
+    let control = control::bind_control(&control_path)?;
+    let (tx, rx) = mpsc::channel(64);
+    let api = ApiClient(tx);
+    let (events, _) = broadcast::channel(1024);
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let thread_api = api.clone();
+    let thread_events = events.clone();
+    let thread = std::thread::Builder::new()
+        .name("roundhouse-primary".into())
+        .spawn(move || {
+            let _done = done_tx;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let result = rt.block_on(async move {
+                let primary = primary::Primary::new(cfg, exe, listeners, rx, thread_events)?;
+                if let Some(l) = admin {
+                    let l = tokio::net::TcpListener::from_std(l)?;
+                    if let Ok(addr) = l.local_addr() {
+                        tracing::info!(admin.addr = %addr, "admin listening");
+                    }
+                    tokio::spawn(admin::serve_admin(l, thread_api.clone()));
+                }
+                let control = tokio::net::UnixListener::from_std(control)?;
+                tokio::spawn(control::serve_control(control, thread_api));
+                primary.run().await
+            });
+            let _ = std::fs::remove_file(&control_path);
+            result
+        })?;
+    Ok(Handle {
+        api,
+        events,
+        admin_addr,
+        thread,
+        done,
+    })
+}

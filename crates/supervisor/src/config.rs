@@ -1,0 +1,160 @@
+//! What a supervisor is asked to run: the command, the listeners, the policy and the timeouts.
+
+#![forbid(unsafe_code)]
+
+use std::ffi::OsString;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Most worker slots a primary runs.
+pub const MAX_WORKERS: u32 = 1024;
+
+/// How the primary spreads connections over workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// The primary accepts and hands each connection to the next online worker (Node's
+    /// `SCHED_RR`).
+    #[default]
+    RoundRobin,
+    /// The primary accepts and hands each connection to the online worker with the fewest open
+    /// connections.
+    LeastConn,
+    /// Every worker gets the shared listeners and accepts itself (Node's `SCHED_NONE`).
+    None,
+    /// Every worker slot gets its own `SO_REUSEPORT` listeners; the kernel spreads.
+    ReusePort,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "rr",
+            Policy::LeastConn => "least-conn",
+            Policy::None => "none",
+            Policy::ReusePort => "reuseport",
+        }
+    }
+    /// Whether the primary accepts and hands off connections itself.
+    pub fn hands_off(self) -> bool {
+        matches!(self, Policy::RoundRobin | Policy::LeastConn)
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "rr" => Ok(Policy::RoundRobin),
+            "least-conn" => Ok(Policy::LeastConn),
+            "none" => Ok(Policy::None),
+            "reuseport" => Ok(Policy::ReusePort),
+            other => Err(format!(
+                "unknown policy '{other}' (expected rr, least-conn, none or reuseport)"
+            )),
+        }
+    }
+}
+
+/// Everything the primary needs to run. Build it with [`crate::Builder`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub command: OsString,
+    pub args: Vec<OsString>,
+    pub listen: Vec<SocketAddr>,
+    pub workers: u32,
+    pub policy: Policy,
+    pub grace: Duration,
+    pub ready_timeout: Duration,
+    /// `None` = off.
+    pub heartbeat_timeout: Option<Duration>,
+    pub max_requests: Option<u64>,
+    pub backlog: u32,
+    pub admin: Option<SocketAddr>,
+    pub control: Option<PathBuf>,
+    /// Workers are Node.js programs speaking Node's IPC channel.
+    pub node: bool,
+}
+
+impl Config {
+    pub fn new(command: impl Into<OsString>) -> Self {
+        Config {
+            command: command.into(),
+            args: Vec::new(),
+            listen: Vec::new(),
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get() as u32)
+                .unwrap_or(1)
+                .min(MAX_WORKERS),
+            policy: Policy::RoundRobin,
+            grace: Duration::from_secs(30),
+            ready_timeout: Duration::from_secs(30),
+            heartbeat_timeout: Some(Duration::from_secs(30)),
+            max_requests: None,
+            backlog: 4096,
+            admin: None,
+            control: None,
+            node: false,
+        }
+    }
+}
+
+/// Parses a duration like `500ms`, `10s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration '{s}' (expected e.g. 500ms, 10s, 2m)"))?;
+    let secs = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "invalid duration '{s}' (expected e.g. 500ms, 10s, 2m)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs < 0.0 || secs > 1e9 {
+        return Err(format!("invalid duration '{s}'"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        for bad in ["", "ms", "10x", "-1s", "1e999s"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn policies() {
+        for p in ["rr", "least-conn", "none", "reuseport"] {
+            assert_eq!(p.parse::<Policy>().unwrap().as_str(), p);
+        }
+        assert!("fair".parse::<Policy>().is_err());
+    }
+}
