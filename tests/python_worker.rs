@@ -655,16 +655,33 @@ fn python_worker_stats_count_its_requests() {
 #[test]
 fn python_workers_reload_under_load_without_failures() {
     require_python3!();
-    let (p, addr) = start_two("reload", &["--grace", "10s"], &[]);
+    reload_under_load("reload", |p| {
+        let out = p.control("reload", &[]);
+        assert!(
+            out.status.success(),
+            "roundhouse reload failed: {out:?}\n{}",
+            p.dump()
+        );
+    });
+}
+
+#[test]
+fn python_workers_reload_on_sighup_under_load_without_failures() {
+    require_python3!();
+    reload_under_load("sighup", |p| {
+        let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::SIGHUP).expect("SIGHUP the primary");
+    });
+}
+
+/// Two Python workers under keep-alive and connection-per-request load; `reload` replaces them;
+/// every request must succeed and the new workers must take over.
+fn reload_under_load(name: &str, reload: impl FnOnce(&Primary)) {
+    let (p, addr) = start_two(name, &["--grace", "10s"], &[]);
     let old: Vec<(u32, u32)> = p.online();
     let load = Load::start(addr, 4);
     load.wait_ok(40, START, &p);
-    let out = p.control("reload", &[]);
-    assert!(
-        out.status.success(),
-        "roundhouse reload failed: {out:?}\n{}",
-        p.dump()
-    );
+    reload(&p);
     for (id, pid) in &old {
         let pid = format!("worker.pid={pid}");
         p.wait_line(

@@ -179,16 +179,29 @@ class Channel:
     def send(self, kind, arg, body=b""):
         self.send_raw(encode(kind, arg, body))
 
-    def send_raw(self, frame, fds=()):
+    def send_raw(self, frame, fds=(), *, held=False):
+        """Send one frame as is; ``held=True`` when the caller already holds the send lock."""
+        if held:
+            return self._sendmsg(frame, fds)
+        with self._lock:
+            self._sendmsg(frame, fds)
+
+    def _sendmsg(self, frame, fds):
         anc = []
         if fds:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-        with self._lock:
-            try:
-                self.sock.sendmsg([frame], anc, socket.MSG_NOSIGNAL)
-            except (BrokenPipeError, ConnectionResetError) as e:
-                raise ChannelClosed(str(e)) from e
-            self.last_send = time.monotonic()
+        try:
+            self.sock.sendmsg([frame], anc, socket.MSG_NOSIGNAL)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise ChannelClosed(str(e)) from e
+        self.last_send = time.monotonic()
+
+    def hold(self):
+        """Take the send lock for good: no frame but the holder's (``held=True``) leaves any more.
+
+        A test hook (worker.py's ROUNDHOUSE_PY_MISBEHAVE): once a worker has decided to break the
+        protocol, it must not acknowledge another connection before its bad frame."""
+        self._lock.acquire()
 
     def recv(self):
         """One frame: (data, fds, msg_flags). Received fds are close-on-exec."""
@@ -417,15 +430,17 @@ class Pool:
 class Worker:
     """Speaks the roundhouse protocol on ``ROUNDHOUSE_FD`` and serves ``app`` over HTTP/1.1.
 
-    ``app(request) -> Response`` runs on a pool thread.  Optional hooks, each given the worker:
-    ``on_message(sender, value)`` on the channel thread for every MESSAGE (after the built-in
-    ping/pong); ``on_tick(worker)`` on the stats thread every 100 ms; ``on_response(worker)`` on
-    the pool thread right after each response is written and counted.
+    ``app(request) -> Response`` runs on a pool thread.  Optional hooks: ``on_message(sender,
+    value)`` on the channel thread for every MESSAGE (after the built-in ping/pong);
+    ``on_tick(worker)`` on the stats thread every 100 ms; ``before_response(worker)`` and
+    ``on_response(worker)`` on the pool thread just before a response is written and just after
+    it was written and counted.
     """
 
-    def __init__(self, app, *, threads=None, on_message=None, on_tick=None, on_response=None):
-        self.app, self.on_message = app, on_message
-        self.on_tick, self.on_response = on_tick, on_response
+    def __init__(self, app, *, threads=None, on_message=None, on_tick=None,
+                 before_response=None, on_response=None):
+        self.app, self.on_message, self.on_tick = app, on_message, on_tick
+        self.before_response, self.on_response = before_response, on_response
         try:
             fd = int(os.environ["ROUNDHOUSE_FD"])
             self.worker_id = int(os.environ["ROUNDHOUSE_WORKER_ID"])
@@ -640,6 +655,8 @@ class Worker:
         """Write one response; count it; return whether the connection stays open."""
         with self._lock:
             keep = keep and not self.draining  # busy connections learn of a drain here
+        if self.before_response:
+            self.before_response(self)
         conn.sock.sendall(encode_response(
             resp, worker_id=self.worker_id, keep_alive=keep, head_only=head_only, http10=http10))
         conn.served += 1

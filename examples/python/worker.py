@@ -29,9 +29,9 @@ test can watch the primary kill and replace it:
               badack    an ACK for a connection id it was never given
               silent    stops sending anything (no STATS, no HEARTBEAT)
               hang      stops reading the channel
-    after=N   right after the Nth response is written, on the thread that wrote it, so the bad
-              frame precedes on the channel any ACK of a later connection (default 0: within
-              100 ms of READY)
+    after=N   right after the Nth response is written; from just before that response the
+              channel is held, so no later connection is acknowledged before the bad frame
+              (default 0: within 100 ms of READY)
     worker=ID only the worker with this id misbehaves (default: every worker)
     once=PATH only one process misbehaves: the one that creates PATH (O_EXCL); its replacement
               finds PATH and behaves
@@ -92,62 +92,83 @@ def make_app(worker_id):
 
 
 class Misbehaviour:
-    """ROUNDHOUSE_PY_MISBEHAVE (see the module doc): break the protocol once, on purpose."""
+    """ROUNDHOUSE_PY_MISBEHAVE (see the module doc): break the protocol once, on purpose.
+
+    For the frame-writing modes the worker takes the channel's send lock just before its Nth
+    response and never gives it back: the bad frame, written right after that response, is
+    then the last frame the primary gets, and no connection handed over meanwhile is
+    acknowledged (the primary re-sends it), so a sequential client sees no failure.
+    """
 
     MODES = ("garbage", "oversize", "fds", "badjson", "ready", "badack", "silent", "hang")
+    WRITES = ("garbage", "oversize", "fds", "badjson", "ready", "badack")
 
     def __init__(self, spec, worker_id):
         mode, *opts = spec.split(",")
         if mode not in self.MODES:
             raise SystemExit(f"ROUNDHOUSE_PY_MISBEHAVE: unknown mode {mode!r} (one of {self.MODES})")
-        self.mode, self.after, self.done = mode, 0, False
+        self.mode, self.after, self.claimed = mode, 0, False
         self.once = None
         self._lock = threading.Lock()
+        self._armed_by = None  # the pool thread writing the Nth response
         for opt in opts:
             key, _, value = opt.partition("=")
             if key == "after":
                 self.after = int(value)
             elif key == "worker":
-                self.done = int(value) != worker_id  # not this worker: never misbehave
+                self.claimed = int(value) != worker_id  # not this worker: never misbehave
             elif key == "once":
                 self.once = value
             else:
                 raise SystemExit(f"ROUNDHOUSE_PY_MISBEHAVE: unknown option {opt!r}")
 
-    def on_tick(self, w):
-        if self.after == 0:
-            self._trigger(w)
-
-    def on_response(self, w):
-        if self.after and w.stats()[2] >= self.after:
-            self._trigger(w)
-
-    def _trigger(self, w):
+    def _claim(self):
+        """True for the one call that gets to misbehave (in this process, and per `once`)."""
         with self._lock:
-            if self.done:
-                return
-            self.done = True
+            if self.claimed:
+                return False
+            self.claimed = True
         if self.once is not None:
             try:
                 os.close(os.open(self.once, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
             except FileExistsError:
-                return  # an earlier process of this slot already misbehaved
+                return False  # an earlier process of this slot already misbehaved
+        return True
+
+    def on_tick(self, w):
+        if self.after == 0 and self._claim():
+            if self.mode in self.WRITES:
+                w.channel.hold()
+            self._act(w)
+
+    def before_response(self, w):
+        if self.after and not self.claimed and w.stats()[2] + 1 >= self.after and self._claim():
+            if self.mode in self.WRITES:
+                w.channel.hold()
+            self._armed_by = threading.get_ident()
+
+    def on_response(self, w):
+        if self._armed_by is not None and self._armed_by == threading.get_ident():
+            self._armed_by = None
+            self._act(w)
+
+    def _act(self, w):
         rw.log(f"misbehaving on purpose: {self.mode} (ROUNDHOUSE_PY_MISBEHAVE)")
         ch = w.channel
         if self.mode == "garbage":
-            ch.send_raw(bytes([0xEE]) + b"garbage!garbage")
+            ch.send_raw(bytes([0xEE]) + b"garbage!garbage", held=True)
         elif self.mode == "oversize":
-            ch.send_raw(rw.HEADER.pack(rw.K_MESSAGE_OUT, b"\0\0\0", 0) + b"x" * 70_000)
+            ch.send_raw(rw.HEADER.pack(rw.K_MESSAGE_OUT, b"\0\0\0", 0) + b"x" * 70_000, held=True)
         elif self.mode == "fds":
             fd = os.open(os.devnull, os.O_RDONLY)
-            ch.send_raw(rw.encode(rw.K_HEARTBEAT, 0), fds=[fd])
+            ch.send_raw(rw.encode(rw.K_HEARTBEAT, 0), fds=[fd], held=True)
             os.close(fd)
         elif self.mode == "badjson":
-            ch.send_raw(rw.encode(rw.K_MESSAGE_OUT, rw.TO_PRIMARY, b"{not json"))
+            ch.send_raw(rw.encode(rw.K_MESSAGE_OUT, rw.TO_PRIMARY, b"{not json"), held=True)
         elif self.mode == "ready":
-            ch.send_raw(rw.encode(rw.K_READY, rw.PROTOCOL_VERSION))
+            ch.send_raw(rw.encode(rw.K_READY, rw.PROTOCOL_VERSION), held=True)
         elif self.mode == "badack":
-            ch.send_raw(rw.encode_ids(rw.K_ACK, [2**63 + 12345]))
+            ch.send_raw(rw.encode_ids(rw.K_ACK, [2**63 + 12345]), held=True)
         elif self.mode == "silent":
             w.muted = True
         elif self.mode == "hang":
@@ -160,7 +181,11 @@ def main():
     misbehaviour = Misbehaviour(spec, worker_id) if spec else None
     hooks = {}
     if misbehaviour:
-        hooks = {"on_tick": misbehaviour.on_tick, "on_response": misbehaviour.on_response}
+        hooks = {
+            "on_tick": misbehaviour.on_tick,
+            "before_response": misbehaviour.before_response,
+            "on_response": misbehaviour.on_response,
+        }
     worker = rw.Worker(make_app(worker_id), **hooks)
     worker.run()
 
