@@ -189,8 +189,12 @@ class Worker:
             if left <= 0:
                 raise CheckFailed(f"no {[NAMES[k] for k in kinds]} frame within {timeout}s")
             try:
-                f = self.frames.get(timeout=left)
+                f = self.frames.get(timeout=min(left, 0.1))
             except queue.Empty:
+                if self.eof.is_set() and self.frames.empty():
+                    status = self.proc.poll()
+                    raise CheckFailed(f"channel closed (worker exit status {status}) while waiting "
+                                      f"for {[NAMES[k] for k in kinds]}")
                 continue
             if f.kind in kinds and pred(f):
                 return f
@@ -626,10 +630,10 @@ def main():
         checks = CHECKS
     else:
         checks = [c for c in CHECKS if c.__name__[len("check_"):] in only]
+    if cmd[-1] != os.path.join(HERE, "worker.py"):
+        checks = [c for c in checks if c is not check_misbehave]  # this worker's test hook only
     failed = 0
     for c in checks:
-        if "misbehave" in c.__name__ and cmd[-1] != os.path.join(HERE, "worker.py"):
-            continue  # ROUNDHOUSE_PY_MISBEHAVE is this worker's test hook only
         t0 = time.monotonic()
         try:
             c(cmd)
