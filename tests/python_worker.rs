@@ -684,9 +684,15 @@ fn reload_under_load(name: &str, reload: impl FnOnce(&Primary)) {
     reload(&p);
     for (id, pid) in &old {
         let pid = format!("worker.pid={pid}");
-        p.wait_line(
+        let line = p.wait_line(
             &["worker exited", &format!("worker.id={id}"), &pid],
             Duration::from_secs(60),
+        );
+        // Drained, not killed at the end of --grace: the Python worker finished and exited 0.
+        assert!(
+            line.contains("status=exit code 0"),
+            "old worker {id} did not exit 0 after DRAIN: {line}\n{}",
+            p.dump()
         );
     }
     let old_pids: HashSet<u32> = old.iter().map(|(_, pid)| *pid).collect();
@@ -775,7 +781,7 @@ fn python_worker_writing_a_malformed_frame_is_killed_and_replaced() {
         p.dir.join("misbehaved").exists(),
         "the worker did misbehave"
     );
-    p.wait_line(
+    let exited = p.wait_line(
         &[
             "worker exited",
             "worker.id=1",
@@ -783,6 +789,12 @@ fn python_worker_writing_a_malformed_frame_is_killed_and_replaced() {
         ],
         START,
     );
+    assert!(
+        exited.contains("SIGKILL"),
+        "the worker was killed: {exited}\n{}",
+        p.dump()
+    );
+    p.wait_line(&["protocol error", "worker.id=1"], START);
     let restarts_of_2 = p.online().iter().filter(|(id, _)| *id == 2).count();
     assert_eq!(restarts_of_2, 1, "worker 2 was left alone\n{}", p.dump());
     p.assert_alive();
