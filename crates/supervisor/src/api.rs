@@ -1,79 +1,303 @@
-//! Requests to the primary's owner task (temporary minimal version; see branch `admin`).
+//! The primary's request queue: how the admin endpoint and the control socket talk to the owner.
+//!
+//! The primary's state lives in one owner task (CONVENTIONS 6). Everything outside it, the
+//! admin HTTP server and the control socket, holds a cloneable [`ApiClient`] and sends it
+//! [`Request`]s, each carrying a `oneshot` sender for the reply (a "ticket"). The owner loop
+//! holds the matching `mpsc::Receiver<Request>` from [`channel`] and answers in its `select!`.
+//! Nobody else touches the state, so no locks, and a slow reader can only slow itself.
+//!
+//! If the owner has stopped (receiver dropped) or drops a reply sender without answering,
+//! callers get [`ApiError::Gone`].
 
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::stats::StatsSnapshot;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Target {
-    All,
-    Worker(u32),
-}
-
+/// A request to the owner task. The owner must answer every `reply` (dropping it unanswered
+/// reports [`ApiError::Gone`] to the caller).
 #[derive(Debug)]
 pub enum Request {
+    /// A fresh snapshot of every slot's counters.
     Stats {
         reply: oneshot::Sender<StatsSnapshot>,
     },
-    ResetStats {
-        reply: oneshot::Sender<()>,
-    },
+    /// Zero every slot's cumulative counters (`connections_total`, `requests_total`,
+    /// `connections_lost`, `restarts`); `connections_active` is a gauge of what is open now and
+    /// stays. Uptime is not reset.
+    ResetStats { reply: oneshot::Sender<()> },
+    /// Replace every worker one by one (as SIGHUP). `Err` carries a one-line reason.
     Reload {
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Set the number of workers (the control server has checked `1..=1024`).
     Scale {
         workers: u32,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Deliver a JSON message to workers, as if the primary sent it. `Err` for an unknown
+    /// worker id.
     Send {
         to: Target,
-        message: serde_json::Value,
+        message: Value,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    Stop {
-        reply: oneshot::Sender<()>,
-    },
+    /// Begin a graceful stop (as SIGTERM). Reply once the stop has begun; the control server
+    /// keeps the requesting connection open until the process exits, so the client can wait
+    /// for the end.
+    Stop { reply: oneshot::Sender<()> },
 }
 
-#[derive(Debug, thiserror::Error)]
+/// Recipient of a [`Request::Send`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    All,
+    /// A worker slot id, `1..=N`.
+    Worker(u32),
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
-    #[error("the primary is gone")]
+    /// The owner task is gone (the primary is stopping) or dropped the reply.
+    #[error("the primary is shutting down")]
     Gone,
+    /// The owner refused or failed the request; the message says why.
     #[error("{0}")]
     Failed(String),
 }
 
+/// Creates the request queue: the client for admin and control, the receiver for the owner.
+pub fn channel(capacity: usize) -> (ApiClient, mpsc::Receiver<Request>) {
+    let (tx, rx) = mpsc::channel(capacity.max(1));
+    (ApiClient(tx), rx)
+}
+
+/// A handle to the owner task. Cheap to clone; every method is one round trip.
 #[derive(Debug, Clone)]
 pub struct ApiClient(pub mpsc::Sender<Request>);
 
 impl ApiClient {
-    async fn call<T>(&self, f: impl FnOnce(oneshot::Sender<T>) -> Request) -> Result<T, ApiError> {
-        let (tx, rx) = oneshot::channel();
-        self.0.send(f(tx)).await.map_err(|_| ApiError::Gone)?;
-        rx.await.map_err(|_| ApiError::Gone)
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Request,
+    ) -> Result<T, ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.0.send(make(reply)).await.map_err(|_| ApiError::Gone)?;
+        answer.await.map_err(|_| ApiError::Gone)
     }
+
     pub async fn stats(&self) -> Result<StatsSnapshot, ApiError> {
         self.call(|reply| Request::Stats { reply }).await
     }
+
     pub async fn reset_stats(&self) -> Result<(), ApiError> {
         self.call(|reply| Request::ResetStats { reply }).await
     }
+
     pub async fn reload(&self) -> Result<(), ApiError> {
         self.call(|reply| Request::Reload { reply })
             .await?
             .map_err(ApiError::Failed)
     }
+
     pub async fn scale(&self, workers: u32) -> Result<(), ApiError> {
         self.call(|reply| Request::Scale { workers, reply })
             .await?
             .map_err(ApiError::Failed)
     }
-    pub async fn send(&self, to: Target, message: serde_json::Value) -> Result<(), ApiError> {
+
+    pub async fn send(&self, to: Target, message: Value) -> Result<(), ApiError> {
         self.call(|reply| Request::Send { to, message, reply })
             .await?
             .map_err(ApiError::Failed)
     }
+
     pub async fn stop(&self) -> Result<(), ApiError> {
         self.call(|reply| Request::Stop { reply }).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn round_trips_and_errors() {
+        let (api, mut rx) = channel(4);
+        let owner = tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                match req {
+                    Request::Scale { workers, reply } => {
+                        let _ = reply.send(if workers == 3 {
+                            Ok(())
+                        } else {
+                            Err(format!("cannot scale to {workers}"))
+                        });
+                    }
+                    Request::Send { to, reply, .. } => {
+                        let _ = reply.send(match to {
+                            Target::Worker(9) => Err("no worker 9".into()),
+                            _ => Ok(()),
+                        });
+                    }
+                    // Dropped unanswered: the caller must see Gone, not hang.
+                    Request::Reload { reply } => drop(reply),
+                    Request::Stop { reply } => {
+                        let _ = reply.send(());
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+        });
+        assert_eq!(api.scale(3).await, Ok(()));
+        assert_eq!(
+            api.scale(4).await,
+            Err(ApiError::Failed("cannot scale to 4".into()))
+        );
+        assert_eq!(api.send(Target::All, Value::Null).await, Ok(()));
+        assert_eq!(
+            api.send(Target::Worker(9), Value::Null)
+                .await
+                .unwrap_err()
+                .to_string(),
+            "no worker 9"
+        );
+        assert_eq!(api.reload().await, Err(ApiError::Gone));
+        assert_eq!(api.stop().await, Ok(()));
+        owner.await.unwrap();
+        // The owner is gone: every call fails fast.
+        assert_eq!(api.stats().await.unwrap_err(), ApiError::Gone);
+    }
+}
+
+/// A stand-in for the owner task, for the admin and control tests: answers every [`Request`]
+/// from a shared canned snapshot and records what it was asked.
+#[cfg(test)]
+pub(crate) mod fake {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::stats::{StatsSnapshot, WorkerState, WorkerStats};
+
+    /// What the fake owner shares with the test.
+    #[derive(Clone)]
+    pub(crate) struct Owner {
+        pub snapshot: Arc<Mutex<StatsSnapshot>>,
+        pub log: Arc<Mutex<Vec<String>>>,
+        /// When set, `Reload` fails with this message.
+        pub reload_error: Arc<Mutex<Option<String>>>,
+    }
+
+    impl Owner {
+        pub fn log(&self) -> Vec<String> {
+            self.log.lock().unwrap().clone()
+        }
+        pub fn set_state(&self, state: WorkerState) {
+            for w in &mut self.snapshot.lock().unwrap().workers {
+                w.state = state;
+            }
+        }
+    }
+
+    pub(crate) fn worker(id: u32, connections_total: u64) -> WorkerStats {
+        WorkerStats {
+            id,
+            pid: Some(4000 + id),
+            state: WorkerState::Online,
+            connections_total,
+            connections_active: 2,
+            requests_total: connections_total * 3,
+            connections_lost: id as u64 - 1,
+            restarts: 1,
+            rss_bytes: 5 * 1024 * 1024 + id as u64,
+        }
+    }
+
+    /// Three workers, the last without a process.
+    pub(crate) fn canned() -> StatsSnapshot {
+        let mut w3 = worker(3, 98);
+        w3.pid = None;
+        w3.state = WorkerState::Starting;
+        StatsSnapshot::new(
+            "rr",
+            12.5,
+            vec!["127.0.0.1:8000".into()],
+            vec![worker(1, 100), worker(2, 102), w3],
+        )
+    }
+
+    /// Spawns the fake owner on the current runtime.
+    pub(crate) fn spawn(snapshot: StatsSnapshot) -> (ApiClient, Owner) {
+        let (api, mut rx) = channel(16);
+        let owner = Owner {
+            snapshot: Arc::new(Mutex::new(snapshot)),
+            log: Arc::default(),
+            reload_error: Arc::default(),
+        };
+        let o = owner.clone();
+        tokio::spawn(async move {
+            while let Some(req) = rx.recv().await {
+                let say = |s: String| o.log.lock().unwrap().push(s);
+                match req {
+                    Request::Stats { reply } => {
+                        let _ = reply.send(o.snapshot.lock().unwrap().clone());
+                    }
+                    Request::ResetStats { reply } => {
+                        let mut s = o.snapshot.lock().unwrap();
+                        for w in &mut s.workers {
+                            w.connections_total = 0;
+                            w.requests_total = 0;
+                            w.connections_lost = 0;
+                            w.restarts = 0;
+                        }
+                        *s = StatsSnapshot::new(
+                            s.policy.clone(),
+                            s.uptime_s,
+                            s.listeners.clone(),
+                            s.workers.clone(),
+                        );
+                        drop(s);
+                        say("reset".into());
+                        let _ = reply.send(());
+                    }
+                    Request::Reload { reply } => {
+                        say("reload".into());
+                        let _ = reply.send(match o.reload_error.lock().unwrap().clone() {
+                            Some(e) => Err(e),
+                            None => Ok(()),
+                        });
+                    }
+                    Request::Scale { workers, reply } => {
+                        say(format!("scale {workers}"));
+                        let _ = reply.send(Ok(()));
+                    }
+                    Request::Send { to, message, reply } => {
+                        let known = match to {
+                            Target::All => true,
+                            Target::Worker(id) => o
+                                .snapshot
+                                .lock()
+                                .unwrap()
+                                .workers
+                                .iter()
+                                .any(|w| w.id == id),
+                        };
+                        if known {
+                            say(format!("send {to:?} {message}"));
+                            let _ = reply.send(Ok(()));
+                        } else if let Target::Worker(id) = to {
+                            let _ = reply.send(Err(format!("no worker with id {id}")));
+                        }
+                    }
+                    Request::Stop { reply } => {
+                        say("stop".into());
+                        let _ = reply.send(());
+                    }
+                }
+            }
+        });
+        (api, owner)
     }
 }
