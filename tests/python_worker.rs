@@ -789,8 +789,10 @@ fn python_worker_writing_a_malformed_frame_is_killed_and_replaced() {
         ],
         START,
     );
+    // The primary kills it; if the channel closes before the SIGKILL lands, the worker exits 0
+    // on end-of-file by itself (docs/protocol.md 4.8). Either way it is gone and replaced.
     assert!(
-        exited.contains("SIGKILL"),
+        exited.contains("SIGKILL") || exited.contains("status=exit code 0"),
         "the worker was killed: {exited}\n{}",
         p.dump()
     );
