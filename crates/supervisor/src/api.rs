@@ -87,8 +87,14 @@ impl ApiClient {
         answer.await.map_err(|_| ApiError::Gone)
     }
 
+    /// The current statistics. The owner fills in the counters; the per-worker RSS is read from
+    /// `/proc` here, in the caller's task, so a scrape costs the accept path nothing but the copy.
     pub async fn stats(&self) -> Result<StatsSnapshot, ApiError> {
-        self.call(|reply| Request::Stats { reply }).await
+        let mut snapshot = self.call(|reply| Request::Stats { reply }).await?;
+        for w in &mut snapshot.workers {
+            w.rss_bytes = w.pid.and_then(crate::stats::read_rss).unwrap_or(0);
+        }
+        Ok(snapshot)
     }
 
     pub async fn reset_stats(&self) -> Result<(), ApiError> {

@@ -240,8 +240,41 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
     let api = ApiClient(tx);
     let (events, _) = broadcast::channel(1024);
     let (done_tx, done) = tokio::sync::oneshot::channel();
-    let thread_api = api.clone();
     let thread_events = events.clone();
+    // Admin and control run on a thread of their own so a scrape or a slow client never takes
+    // the owner's (accept path's) time; they reach the owner only through the ApiClient.
+    let surfaces_api = api.clone();
+    std::thread::Builder::new()
+        .name("roundhouse-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("could not start the admin thread: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                if let Some(l) = admin {
+                    match tokio::net::TcpListener::from_std(l) {
+                        Ok(l) => {
+                            if let Ok(addr) = l.local_addr() {
+                                tracing::info!(admin.addr = %addr, "admin listening");
+                            }
+                            tokio::spawn(admin::serve_admin(l, surfaces_api.clone()));
+                        }
+                        Err(e) => tracing::error!("could not serve the admin endpoint: {e}"),
+                    }
+                }
+                match tokio::net::UnixListener::from_std(control) {
+                    Ok(l) => control::serve_control(l, surfaces_api).await,
+                    Err(e) => tracing::error!("could not serve the control socket: {e}"),
+                }
+            });
+        })?;
     let thread = std::thread::Builder::new()
         .name("roundhouse-primary".into())
         .spawn(move || {
@@ -251,15 +284,6 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
                 .build()?;
             let result = rt.block_on(async move {
                 let primary = primary::Primary::new(cfg, exe, listeners, rx, thread_events)?;
-                if let Some(l) = admin {
-                    let l = tokio::net::TcpListener::from_std(l)?;
-                    if let Ok(addr) = l.local_addr() {
-                        tracing::info!(admin.addr = %addr, "admin listening");
-                    }
-                    tokio::spawn(admin::serve_admin(l, thread_api.clone()));
-                }
-                let control = tokio::net::UnixListener::from_std(control)?;
-                tokio::spawn(control::serve_control(control, thread_api));
                 primary.run().await
             });
             let _ = std::fs::remove_file(&control_path);

@@ -335,7 +335,7 @@ impl Primary {
                 }
                 Wake::Child => self.reap(),
                 Wake::Tick => self.on_tick(),
-                Wake::Readable(k) => self.read_worker(k),
+                Wake::Readable(k) => self.read_worker(k, READ_BURST, false),
                 Wake::Writable(k) => self.on_writable(k),
                 Wake::Accept(i) => self.accept_from(i),
             }
@@ -383,20 +383,17 @@ impl Primary {
             let Some(chan) = &w.chan else { continue };
             if let Poll::Ready(r) = chan.poll_read_ready(cx) {
                 self.poll_start = k + 1;
-                return Poll::Ready(match r {
-                    Ok(_) => Wake::Readable(k),
-                    Err(_) => Wake::Readable(k),
-                });
+                // An error is seen by the read itself.
+                let _ = r;
+                return Poll::Ready(Wake::Readable(k));
             }
-            if w.write_blocked {
-                if let Poll::Ready(_) = chan.poll_write_ready(cx) {
-                    return Poll::Ready(Wake::Writable(k));
-                }
+            if w.write_blocked && chan.poll_write_ready(cx).is_ready() {
+                return Poll::Ready(Wake::Writable(k));
             }
         }
         if self.can_accept() {
             for (i, l) in self.accept_on.iter().enumerate() {
-                if let Poll::Ready(_) = l.poll_read_ready(cx) {
+                if l.poll_read_ready(cx).is_ready() {
                     return Poll::Ready(Wake::Accept(i));
                 }
             }
@@ -579,17 +576,23 @@ impl Primary {
 
     // ----- reading worker frames --------------------------------------------------------
 
-    fn read_worker(&mut self, k: usize) {
-        for _ in 0..READ_BURST {
+    /// Reads and handles up to `burst` frames from worker `k`. `direct` reads without waiting
+    /// for the reactor's readiness (used after an exit, before the reactor has seen the EOF).
+    fn read_worker(&mut self, k: usize, burst: usize, direct: bool) {
+        for _ in 0..burst {
             let Some(w) = self.workers[k].as_mut() else {
                 return;
             };
             let Some(chan) = &w.chan else { return };
             let buf = &mut self.recv_buf;
             let fds = &mut self.recv_fds;
-            let r = chan.try_io(Interest::READABLE, |fd| {
-                sys::recv_frame(fd.as_fd(), buf, fds)
-            });
+            let r = if direct {
+                sys::recv_frame(chan.get_ref().as_fd(), buf, fds)
+            } else {
+                chan.try_io(Interest::READABLE, |fd| {
+                    sys::recv_frame(fd.as_fd(), buf, fds)
+                })
+            };
             match r {
                 Ok(meta) if meta.len == 0 => {
                     self.channel_closed(k);
@@ -1104,6 +1107,14 @@ impl Primary {
     }
 
     fn on_exit(&mut self, k: usize, info: ExitInfo) {
+        if let Some(w) = self.workers[k].as_mut() {
+            // Reaped: its pid may be reused from now on, so it must never be signalled again.
+            w.state = WState::Dying;
+            w.sigkilled = true;
+        }
+        // Read what it wrote before it exited (its final STATS, late acks), so the books are
+        // right: a worker that closed every connection has lost none.
+        self.read_worker(k, MAX_OUTBOX, true);
         self.reclaim(k);
         let w = self.workers[k].take().expect("live worker");
         self.free_keys.push(k);
@@ -1526,7 +1537,7 @@ impl Primary {
                 requests_total: s.counters.requests_total,
                 connections_lost: s.counters.connections_lost,
                 restarts: s.counters.restarts,
-                rss_bytes: pid.and_then(stats::read_rss).unwrap_or(0),
+                rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
             });
             totals.connections_total += s.counters.connections_total;
             totals.requests_total += s.counters.requests_total;

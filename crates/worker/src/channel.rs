@@ -69,6 +69,8 @@ pub(crate) struct Shared {
     wake: Notify,
     /// Messages queued by [`Worker::send`](crate::Worker::send) and not yet written.
     pub(crate) queued_messages: AtomicUsize,
+    /// A drain began or the channel ended (a plain flag: apps may test it on every request).
+    pub(crate) draining: AtomicBool,
 }
 
 impl Shared {
@@ -272,6 +274,7 @@ impl Channel {
         if self.exit_on_close {
             std::process::exit(end.exit_code());
         }
+        self.shared.draining.store(true, SeqCst);
         self.closed.send_replace(Some(end));
         // Dropping `self` closes held fds and ends the accept queue; dropping the draining
         // sender wakes everyone waiting for a drain.
@@ -398,6 +401,7 @@ impl Channel {
                 if !self.is_draining {
                     tracing::info!("drain requested by the primary");
                     self.is_draining = true;
+                    self.shared.draining.store(true, SeqCst);
                     self.draining.send_replace(true);
                     self.after_queued(After::Drained);
                 }

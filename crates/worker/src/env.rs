@@ -169,7 +169,7 @@ fn bad(fd: RawFd, what: &'static str, msg: &str) -> Error {
     Error::BadFd {
         fd,
         what,
-        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, msg.to_owned()),
+        error: std::io::Error::new(std::io::ErrorKind::InvalidInput, msg.to_owned()),
     }
 }
 
@@ -180,9 +180,9 @@ fn check_socket(
     what: &'static str,
 ) -> Result<(), Error> {
     let got_ty =
-        getsockopt_int(fd, libc::SO_TYPE).map_err(|source| Error::BadFd { fd, what, source })?;
+        getsockopt_int(fd, libc::SO_TYPE).map_err(|error| Error::BadFd { fd, what, error })?;
     let got_domain =
-        getsockopt_int(fd, libc::SO_DOMAIN).map_err(|source| Error::BadFd { fd, what, source })?;
+        getsockopt_int(fd, libc::SO_DOMAIN).map_err(|error| Error::BadFd { fd, what, error })?;
     if got_ty != ty || got_domain != domain {
         return Err(bad(fd, what, "the socket has the wrong type"));
     }
@@ -191,19 +191,19 @@ fn check_socket(
 
 fn check_listener(fd: RawFd) -> Result<(), Error> {
     const WHAT: &str = "a LISTEN_FDS listener";
-    let domain = getsockopt_int(fd, libc::SO_DOMAIN).map_err(|source| Error::BadFd {
+    let domain = getsockopt_int(fd, libc::SO_DOMAIN).map_err(|error| Error::BadFd {
         fd,
         what: WHAT,
-        source,
+        error,
     })?;
     if domain != libc::AF_INET && domain != libc::AF_INET6 {
         return Err(bad(fd, WHAT, "not a TCP socket"));
     }
     check_socket(fd, domain, libc::SOCK_STREAM, WHAT)?;
-    let listening = getsockopt_int(fd, libc::SO_ACCEPTCONN).map_err(|source| Error::BadFd {
+    let listening = getsockopt_int(fd, libc::SO_ACCEPTCONN).map_err(|error| Error::BadFd {
         fd,
         what: WHAT,
-        source,
+        error,
     })?;
     if listening == 0 {
         return Err(bad(fd, WHAT, "the socket is not listening"));
@@ -218,7 +218,7 @@ fn set_cloexec(fd: RawFd, what: &'static str) -> Result<(), Error> {
         return Err(Error::BadFd {
             fd,
             what,
-            source: std::io::Error::last_os_error(),
+            error: std::io::Error::last_os_error(),
         });
     }
     Ok(())

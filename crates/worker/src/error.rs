@@ -2,7 +2,10 @@
 //!
 //! [`Error`] is about starting: the common case is "this program was not started by roundhouse",
 //! which deserves a one-line explanation rather than a panic or a bare `EBADF`. [`SendError`] is
-//! about sending a message, which can fail without anything being wrong with the worker (a full
+//! Each message carries its cause inline (`could not X: cause`) and does not repeat it as a
+//! `source()`, so printing the chain (`{:#}` in anyhow) shows every cause once.
+//!
+//! [`SendError`] is about sending a message, which can fail without anything being wrong with the worker (a full
 //! queue while the primary is busy). [`Drained`] is not a failure at all: it is how
 //! [`Listener::accept`](crate::Listener::accept) says "the primary asked us to drain and every
 //! connection we acknowledged has been handed to you; stop accepting".
@@ -31,12 +34,11 @@ pub enum Error {
     #[error("policy {0} passes listeners, but LISTEN_FDS is not set")]
     MissingListeners(crate::Policy),
     /// An inherited fd is not what the environment says it is.
-    #[error("could not use fd {fd} as {what}: {source}")]
+    #[error("could not use fd {fd} as {what}: {error}")]
     BadFd {
         fd: RawFd,
         what: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
     /// `Worker::from_env` was called a second time: the channel fd has a single owner.
     #[error("the roundhouse channel was already taken by an earlier Worker::from_env")]
@@ -45,11 +47,10 @@ pub enum Error {
     #[error("could not start the worker: not called inside a tokio runtime")]
     NoRuntime,
     /// tokio could not register a descriptor with its reactor.
-    #[error("could not register {what} with the tokio reactor: {source}")]
+    #[error("could not register {what} with the tokio reactor: {error}")]
     Register {
         what: &'static str,
-        #[source]
-        source: io::Error,
+        error: io::Error,
     },
 }
 
@@ -67,7 +68,13 @@ pub enum SendError {
     Closed,
     /// The value could not be serialized.
     #[error("could not serialize the message: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
+}
+
+impl From<serde_json::Error> for SendError {
+    fn from(e: serde_json::Error) -> Self {
+        SendError::Json(e)
+    }
 }
 
 /// The error [`Listener::accept`](crate::Listener::accept) returns once the worker is draining

@@ -49,7 +49,7 @@
 //!
 //! [`Worker::from_env`] takes the channel fd (and, under the `none`/`reuseport` policies, the
 //! listening sockets passed the systemd way) and spawns **one task that owns the channel**
-//! ([`channel`](crate::channel) module docs). The application never touches the channel; it
+//! (documented in `src/channel.rs`). The application never touches the channel; it
 //! talks to that task through cheap handles:
 //!
 //! - a [`Listener`] yields [`Conn`]s. Under `rr`/`least-conn` they are the connections the
@@ -256,13 +256,13 @@ impl WorkerBuilder {
         // file description, until the AsyncFd is dropped; nothing else owns the descriptor.
         let fd = unsafe { AsyncFd::register(self.channel) }.map_err(|e| Error::Register {
             what: "the roundhouse channel",
-            source: e.into_parts().1,
+            error: e.into_parts().1,
         })?;
         let mut listeners = Vec::with_capacity(self.listeners.len());
         for l in self.listeners {
-            let register = |source| Error::Register {
+            let register = |error| Error::Register {
                 what: "a listener",
-                source,
+                error,
             };
             l.set_nonblocking(true).map_err(register)?;
             listeners.push(tokio::net::TcpListener::from_std(l).map_err(register)?);
@@ -412,9 +412,10 @@ impl Worker {
         })
     }
 
-    /// True once the primary asked this worker to drain (or the channel closed).
+    /// True once the primary asked this worker to drain (or the channel closed). One atomic
+    /// load: cheap enough to test on every request (e.g. to answer `Connection: close`).
     pub fn is_draining(&self) -> bool {
-        *self.inner.draining.borrow() || self.inner.closed.borrow().is_some()
+        self.inner.shared.draining.load(SeqCst)
     }
 
     /// Resolves when the primary asks this worker to drain (or the channel closes). `'static`,

@@ -24,7 +24,7 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::channel::Shared;
 use crate::error::drained_error;
@@ -44,6 +44,8 @@ pub struct Listener {
     /// Listener to try first next time, so one busy listener does not starve the others.
     next: usize,
     drained: bool,
+    /// Set when `accept` has reported the end of the stream (see [`Listener::drained`]).
+    ended: watch::Sender<bool>,
     shared: Arc<Shared>,
 }
 
@@ -67,7 +69,21 @@ impl Listener {
             listeners,
             next: 0,
             drained: false,
+            ended: watch::Sender::new(false),
             shared,
+        }
+    }
+
+    /// Resolves once [`accept`](Self::accept) has returned the end of the stream (drained, or
+    /// the channel closed), i.e. every acknowledged connection has been handed out. This, not
+    /// [`Worker::draining`](crate::Worker::draining), is the signal for a server loop that
+    /// stops accepting on a signal of its own, such as axum's `with_graceful_shutdown`:
+    /// stopping at the drain itself could drop connections acknowledged just before it. Also
+    /// resolves if the listener is dropped.
+    pub fn drained(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.ended.subscribe();
+        async move {
+            let _ = rx.wait_for(|e| *e).await;
         }
     }
 
@@ -98,9 +114,11 @@ impl Listener {
                 self.drained = true;
                 // Under `none`/`reuseport`: close our copies so the kernel stops counting us.
                 self.listeners.clear();
+                self.ended.send_replace(true);
                 return Poll::Ready(Err(drained_error()));
             }
             Poll::Ready(None) => {
+                self.ended.send_replace(true);
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::BrokenPipe,
                     "the channel to the primary is closed",
@@ -136,6 +154,56 @@ impl Listener {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
+    }
+}
+
+/// `axum::serve(listener, router)` on a worker. Accept errors are logged and retried after a
+/// second, as axum does for a `TcpListener`; once drained, `accept` never completes, so use
+/// [`Listener::drained`] as the graceful-shutdown signal:
+///
+/// ```no_run
+/// # async fn run(worker: roundhouse_worker::Worker, router: axum::Router) -> std::io::Result<()> {
+/// let listener = worker.take_listener().expect("taken once");
+/// let done = listener.drained();
+/// worker.ready();
+/// axum::serve(listener, router).with_graceful_shutdown(done).await?;
+/// worker.flush().await;
+/// # Ok(()) }
+/// ```
+///
+/// axum shuts every connection down through hyper-util's graceful shutdown, which closes idle
+/// connections at once: that races a keep-alive client's next request (and the first request
+/// of a connection handed over just before the drain). `hello-worker` shows how to drain
+/// without failing a single request.
+#[cfg(feature = "axum")]
+impl axum::serve::Listener for Listener {
+    type Io = Conn;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Conn, SocketAddr) {
+        loop {
+            match Listener::accept(self).await {
+                Ok(c) => return c,
+                Err(e) if crate::is_drained(&e) || e.kind() == io::ErrorKind::BrokenPipe => {
+                    std::future::pending::<()>().await
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// The first inherited listener's address; an error when connections are handed over by
+    /// the primary (the worker has no listening socket of its own).
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.local_addrs().into_iter().next().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::Unsupported,
+                "connections are handed over by the primary: the worker has no listener",
+            )
+        })
     }
 }
 
