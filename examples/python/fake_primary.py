@@ -521,7 +521,6 @@ def check_drain(cmd):
         check(status == 200 and headers.get("connection") == "close",
               "in-flight request finished with Connection: close")
         expect_eof(busy, 1.0, "busy connection closed after its response")
-        check(w.proc.poll() is None, "worker waits for the connection that sent nothing yet")
         expect_eof(mute, 4.0, "a connection that never sends is closed after a short grace")
         code = w.wait_exit(3)
         check(code == 0, f"exit status 0 after drain (got {code})")
