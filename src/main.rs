@@ -210,7 +210,7 @@ fn fatal(e: RunError) -> ExitCode {
         RunError::Config(_) => 2,
         _ => 1,
     };
-    tracing::error!("{e}");
+    // One line, not through tracing: it must show even with RUST_LOG=off.
     eprintln!("roundhouse: {e}");
     ExitCode::from(code)
 }

@@ -82,6 +82,8 @@ pub struct Config {
     pub control: Option<PathBuf>,
     /// Workers are Node.js programs speaking Node's IPC channel.
     pub node: bool,
+    /// `--node`: where the preload shim is; `start` writes the embedded one when `None`.
+    pub node_shim: Option<PathBuf>,
 }
 
 impl Config {
@@ -103,6 +105,7 @@ impl Config {
             admin: None,
             control: None,
             node: false,
+            node_shim: None,
         }
     }
 }

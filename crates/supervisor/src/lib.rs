@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod listen;
+pub(crate) mod node;
 pub mod notify;
 mod primary;
 pub mod spawn;
@@ -236,6 +237,12 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
         .clone()
         .unwrap_or_else(control::default_control_path);
     let control = control::bind_control(&control_path)?;
+    let mut written_shim = None;
+    if cfg.node && cfg.node_shim.is_none() {
+        let path = node::write_shim()?;
+        cfg.node_shim = Some(path.clone());
+        written_shim = Some(path);
+    }
     let (tx, rx) = mpsc::channel(64);
     let api = ApiClient(tx);
     let (events, _) = broadcast::channel(1024);
@@ -287,6 +294,9 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
                 primary.run().await
             });
             let _ = std::fs::remove_file(&control_path);
+            if let Some(shim) = written_shim {
+                node::remove_shim(&shim);
+            }
             result
         })?;
     Ok(Handle {

@@ -37,6 +37,7 @@ use tracing::{debug, error, info, warn};
 use crate::api::{Request, Target};
 use crate::config::{Config, Policy};
 use crate::events::{Event, ExitInfo};
+use crate::node::{NodeCodec, NodeEvent};
 use crate::notify;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 use crate::stats::{self, StatsSnapshot, Totals, WorkerState, WorkerStats};
@@ -115,6 +116,8 @@ struct Worker {
     pid: u32,
     role: Role,
     chan: Option<AsyncFd<OwnedFd>>,
+    /// `--node`: the channel is Node's IPC stream, spoken through this codec.
+    node: Option<Box<NodeCodec>>,
     state: WState,
     /// Handed, not yet acknowledged (the primary's copies), oldest first.
     inflight: VecDeque<Conn>,
@@ -149,6 +152,10 @@ impl Worker {
             && !self.write_blocked
             && self.inflight.len() + self.batch.len() < WINDOW
             && self.skip_until.is_none_or(|t| t <= now)
+            && self
+                .node
+                .as_ref()
+                .is_none_or(|n| n.handle_in_flight().is_none() && self.batch.is_empty())
     }
 }
 
@@ -189,6 +196,18 @@ enum Phase {
         deadline: Instant,
         replies: Vec<oneshot::Sender<()>>,
     },
+}
+
+/// A message for a worker other than a connection handoff.
+#[derive(Clone, Copy)]
+enum Control<'a> {
+    Drain,
+    Message {
+        from: u32,
+        json: &'a [u8],
+    },
+    /// Node only: answer to a handle the app sent the primary.
+    HandleAck,
 }
 
 enum Wake {
@@ -464,7 +483,7 @@ impl Primary {
                     self.dirty.push(k);
                 }
                 w.batch.push(conn);
-                if w.batch.len() == CONNS_MAX {
+                if w.batch.len() == CONNS_MAX || w.node.is_some() {
                     self.flush(k);
                 }
                 if self.held.is_empty() {
@@ -528,6 +547,9 @@ impl Primary {
         if w.batch.is_empty() {
             return false;
         }
+        if w.node.is_some() {
+            return self.flush_node(k);
+        }
         self.scratch.clear();
         frame::encode_conns_header(&mut self.scratch, w.batch.len());
         let mut fds = [0 as RawFd; CONNS_MAX];
@@ -574,6 +596,61 @@ impl Primary {
         }
     }
 
+    /// Node workers: one handle line per `sendmsg`, with exactly its fd, and no next handle
+    /// until Node's child has answered (see node/README.md, section 5).
+    fn flush_node(&mut self, k: usize) -> bool {
+        let w = self.workers[k].as_mut().expect("live worker");
+        let node = w.node.as_mut().expect("node worker");
+        let c = &w.batch[0];
+        let rec = ConnRecord {
+            id: c.id,
+            listener: c.listener,
+            peer: c.peer,
+        };
+        self.scratch.clear();
+        let sent = node.encode_conn(&mut self.scratch, &rec) && {
+            let fd = c.stream.as_raw_fd();
+            match &w.chan {
+                Some(chan) => {
+                    match sys::send_frame(chan.get_ref().as_fd(), &self.scratch, &[fd]) {
+                        Ok(n) => {
+                            if n < self.scratch.len() {
+                                // The fd went with the first bytes; the rest follows alone.
+                                w.outbox.push_back(self.scratch[n..].to_vec());
+                                w.write_blocked = true;
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            node.cancel_in_flight();
+                            if e.kind() == io::ErrorKind::WouldBlock {
+                                w.write_blocked = true;
+                            } else {
+                                w.chan = None;
+                            }
+                            false
+                        }
+                    }
+                }
+                None => {
+                    node.cancel_in_flight();
+                    false
+                }
+            }
+        };
+        if sent {
+            w.inflight.extend(w.batch.drain(..));
+            return false;
+        }
+        for c in w.batch.drain(..).rev() {
+            self.held.push_front(c);
+        }
+        if w.chan.is_none() {
+            self.kill_worker(k, "its channel failed");
+        }
+        true
+    }
+
     // ----- reading worker frames --------------------------------------------------------
 
     /// Reads and handles up to `burst` frames from worker `k`. `direct` reads without waiting
@@ -597,6 +674,28 @@ impl Primary {
                 Ok(meta) if meta.len == 0 => {
                     self.channel_closed(k);
                     return;
+                }
+                Ok(meta) if w.node.is_some() => {
+                    w.last_seen = Instant::now();
+                    // Fds from a Node worker come only with a handle the app sent us
+                    // (`WorkerHandle`): close them at once.
+                    self.recv_fds.clear();
+                    let node = w.node.as_mut().expect("checked");
+                    if let Err(why) = node.feed(&self.recv_buf[..meta.len]) {
+                        self.protocol_error(k, &why);
+                        return;
+                    }
+                    loop {
+                        let Some(node) = self.workers[k].as_mut().and_then(|w| w.node.as_mut())
+                        else {
+                            return;
+                        };
+                        let Some(ev) = node.next_event() else { break };
+                        if let Err(why) = ev.and_then(|ev| self.on_node_event(k, ev)) {
+                            self.protocol_error(k, &why);
+                            return;
+                        }
+                    }
                 }
                 Ok(meta) => {
                     w.last_seen = Instant::now();
@@ -638,71 +737,108 @@ impl Primary {
     }
 
     fn on_frame(&mut self, k: usize, f: WorkerFrame<'_>) -> Result<(), String> {
+        match f {
+            WorkerFrame::Ready { .. } => self.on_ready(k),
+            WorkerFrame::Ack(ids) => self.on_ids(k, false, ids.iter()),
+            WorkerFrame::Refuse(ids) => self.on_ids(k, true, ids.iter()),
+            WorkerFrame::Stats(s) => self.on_stats(k, s),
+            WorkerFrame::Heartbeat => Ok(()),
+            WorkerFrame::Message { to, json } => {
+                let from = self.workers[k].as_ref().expect("live worker").slot;
+                self.relay(from, to, json);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_node_event(&mut self, k: usize, ev: NodeEvent) -> Result<(), String> {
+        match ev {
+            NodeEvent::Ready => self.on_ready(k),
+            NodeEvent::Ack(ids) => self.on_ids(k, false, ids.into_iter()),
+            NodeEvent::Refuse(ids) => self.on_ids(k, true, ids.into_iter()),
+            // The child never saw the connection (its fd did not arrive): as good as refused.
+            NodeEvent::HandleNack(id) => self.on_ids(k, true, std::iter::once(id)),
+            // The handle arrived; the shim's own ACK follows. The next handle may go now.
+            NodeEvent::HandleAck(_) => Ok(()),
+            NodeEvent::Stats(s) => self.on_stats(k, s),
+            NodeEvent::Heartbeat => Ok(()),
+            NodeEvent::Message { to, json } => {
+                let from = self.workers[k].as_ref().expect("live worker").slot;
+                self.relay(from, to, &json);
+                Ok(())
+            }
+            // The app sent us a socket: its fd was closed on receipt; answer so that Node's
+            // child stops queueing its later messages.
+            NodeEvent::WorkerHandle => {
+                self.send_control(k, Control::HandleAck);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ready(&mut self, k: usize) -> Result<(), String> {
+        if self.workers[k].as_ref().expect("live worker").state != WState::Starting {
+            return Err("sent READY twice".into());
+        }
+        self.on_online(k);
+        Ok(())
+    }
+
+    fn on_ids(
+        &mut self,
+        k: usize,
+        refuse: bool,
+        ids: impl Iterator<Item = u64>,
+    ) -> Result<(), String> {
+        for id in ids {
+            let w = self.workers[k].as_mut().expect("live worker");
+            // Acks come in handoff order, so the id is almost always at the front.
+            let Some(pos) = w.inflight.iter().position(|c| c.id == id) else {
+                return Err(format!(
+                    "{} connection {id}, which it does not hold",
+                    if refuse { "refused" } else { "acknowledged" }
+                ));
+            };
+            let conn = w.inflight.remove(pos).expect("position is in range");
+            if refuse {
+                if w.state == WState::Online {
+                    w.skip_until = Some(Instant::now() + REFUSE_COOLDOWN);
+                }
+                self.held.push_front(conn);
+            } else {
+                w.acked += 1;
+                let slot_idx = (w.slot - 1) as usize;
+                self.slots[slot_idx].counters.connections_total += 1;
+                drop(conn); // the worker has its copy: close ours so its close() sends FIN
+            }
+        }
+        Ok(())
+    }
+
+    fn on_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
         let policy = self.cfg.policy;
         let w = self.workers[k].as_mut().expect("live worker");
         let slot_idx = (w.slot - 1) as usize;
-        match f {
-            WorkerFrame::Ready { .. } => {
-                if w.state != WState::Starting {
-                    return Err("sent READY twice".into());
-                }
-                self.on_online(k);
-            }
-            WorkerFrame::Ack(ids) | WorkerFrame::Refuse(ids) => {
-                let refuse = matches!(f, WorkerFrame::Refuse(_));
-                for id in ids.iter() {
-                    let w = self.workers[k].as_mut().expect("live worker");
-                    // Acks come in handoff order, so the id is almost always at the front.
-                    let Some(pos) = w.inflight.iter().position(|c| c.id == id) else {
-                        return Err(format!(
-                            "{} connection {id}, which it does not hold",
-                            if refuse { "refused" } else { "acknowledged" }
-                        ));
-                    };
-                    let conn = w.inflight.remove(pos).expect("position is in range");
-                    if refuse {
-                        if w.state == WState::Online {
-                            w.skip_until = Some(Instant::now() + REFUSE_COOLDOWN);
-                        }
-                        self.held.push_front(conn);
-                    } else {
-                        w.acked += 1;
-                        self.slots[slot_idx].counters.connections_total += 1;
-                        drop(conn); // the worker has its copy: close ours so its close() sends FIN
-                    }
-                }
-            }
-            WorkerFrame::Stats(s) => {
-                let prev = w.reported;
-                if s.accepted < prev.accepted
-                    || s.closed < prev.closed
-                    || s.requests < prev.requests
-                {
-                    return Err("reported counters that went backwards".into());
-                }
-                w.reported = s;
-                let c = &mut self.slots[slot_idx].counters;
-                c.requests_total += s.requests - prev.requests;
-                if !policy.hands_off() {
-                    c.connections_total += s.accepted - prev.accepted;
-                }
-                if let (Some(limit), WState::Online) = (w.recycle_at, w.state) {
-                    if s.requests >= limit {
-                        w.recycle_at = None;
-                        info!(
-                            worker.id = w.slot,
-                            worker.pid = w.pid,
-                            requests = s.requests,
-                            "worker reached --max-requests; recycling"
-                        );
-                        self.recycle(slot_idx);
-                    }
-                }
-            }
-            WorkerFrame::Heartbeat => {}
-            WorkerFrame::Message { to, json } => {
-                let from = w.slot;
-                self.relay(from, to, json);
+        let prev = w.reported;
+        if s.accepted < prev.accepted || s.closed < prev.closed || s.requests < prev.requests {
+            return Err("reported counters that went backwards".into());
+        }
+        w.reported = s;
+        let c = &mut self.slots[slot_idx].counters;
+        c.requests_total += s.requests - prev.requests;
+        if !policy.hands_off() {
+            c.connections_total += s.accepted - prev.accepted;
+        }
+        if let (Some(limit), WState::Online) = (w.recycle_at, w.state) {
+            if s.requests >= limit {
+                w.recycle_at = None;
+                info!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    requests = s.requests,
+                    "worker reached --max-requests; recycling"
+                );
+                self.recycle(slot_idx);
             }
         }
         Ok(())
@@ -747,25 +883,53 @@ impl Primary {
         let Some(k) = slot.current.filter(|_| slot.wanted) else {
             return false;
         };
-        let mut f = Vec::with_capacity(json.len() + 8);
-        frame::encode_message_to_worker(&mut f, from, json);
-        self.send_control(k, f);
+        self.send_control(k, Control::Message { from, json });
         true
     }
 
     // ----- writing control frames -------------------------------------------------------
 
-    fn send_control(&mut self, k: usize, f: Vec<u8>) {
+    /// Encodes a control message for worker `k`'s transport and sends or queues it.
+    fn send_control(&mut self, k: usize, c: Control<'_>) {
         let Some(w) = self.workers[k].as_mut() else {
             return;
         };
+        if w.chan.is_none() {
+            return;
+        }
+        let mut f = Vec::new();
+        if w.node.is_some() {
+            match c {
+                Control::Drain => NodeCodec::encode_drain(&mut f),
+                Control::HandleAck => NodeCodec::encode_handle_ack(&mut f),
+                Control::Message { from, json } => {
+                    if let Err(e) = NodeCodec::encode_message(&mut f, from, json) {
+                        warn!(worker.id = w.slot, "message not sent: {e}");
+                        return;
+                    }
+                }
+            }
+        } else {
+            match c {
+                Control::Drain => frame::encode_drain(&mut f),
+                Control::HandleAck => return,
+                Control::Message { from, json } => {
+                    frame::encode_message_to_worker(&mut f, from, json)
+                }
+            }
+        }
         let Some(chan) = &w.chan else { return };
         if w.outbox.is_empty() && !w.write_blocked {
             match sys::send_frame(chan.get_ref().as_fd(), &f, &[]) {
+                // Only a stream (Node) channel writes part of a message: queue the rest.
+                Ok(n) if n < f.len() => {
+                    f.drain(..n);
+                    w.write_blocked = true;
+                }
                 Ok(_) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.write_blocked = true,
                 Err(e) => {
-                    debug!(worker.id = w.slot, "control frame not sent: {e}");
+                    debug!(worker.id = w.slot, "control message not sent: {e}");
                     return;
                 }
             }
@@ -782,8 +946,11 @@ impl Primary {
             return;
         };
         let Some(chan) = &w.chan else { return };
-        while let Some(f) = w.outbox.front() {
+        while let Some(f) = w.outbox.front_mut() {
             match chan.try_io(Interest::WRITABLE, |fd| sys::send_frame(fd.as_fd(), f, &[])) {
+                Ok(n) if n < f.len() => {
+                    f.drain(..n);
+                }
                 Ok(_) => {
                     w.outbox.pop_front();
                 }
@@ -837,7 +1004,12 @@ impl Primary {
     fn start_worker(&mut self, idx: usize, role: Role) -> Option<usize> {
         let slot = &self.slots[idx];
         let id = slot.id;
-        let (primary_end, child_end) = match sys::seqpacket_pair() {
+        let pair = if self.cfg.node {
+            sys::stream_pair()
+        } else {
+            sys::seqpacket_pair()
+        };
+        let (primary_end, child_end) = match pair {
             Ok(p) => p,
             Err(e) => {
                 error!(worker.id = id, "could not create a channel: {e}");
@@ -855,10 +1027,19 @@ impl Primary {
         fds.push(child_end.as_fd());
         let channel_fd = 3 + listeners.len();
         let mut env: Vec<(OsString, OsString)> = vec![
-            ("ROUNDHOUSE_FD".into(), channel_fd.to_string().into()),
             ("ROUNDHOUSE_WORKER_ID".into(), id.to_string().into()),
             ("ROUNDHOUSE_POLICY".into(), self.cfg.policy.as_str().into()),
         ];
+        if self.cfg.node {
+            env.extend(crate::node::worker_env(
+                channel_fd,
+                self.cfg.node_shim.as_deref(),
+                &self.addrs,
+                self.cfg.backlog,
+            ));
+        } else {
+            env.push(("ROUNDHOUSE_FD".into(), channel_fd.to_string().into()));
+        }
         if !listeners.is_empty() {
             env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
             let names: Vec<String> = (0..listeners.len()).map(|i| format!("listen{i}")).collect();
@@ -871,6 +1052,8 @@ impl Primary {
             argv: &argv,
             env: &env,
             env_remove: &[
+                "NODE_UNIQUE_ID",
+                "NODE_CHANNEL_FD",
                 "LISTEN_FDS",
                 "LISTEN_PID",
                 "LISTEN_FDNAMES",
@@ -915,6 +1098,7 @@ impl Primary {
             pid,
             role,
             chan: Some(chan),
+            node: self.cfg.node.then(|| Box::new(NodeCodec::new())),
             state: WState::Starting,
             inflight: VecDeque::with_capacity(WINDOW),
             batch: Vec::with_capacity(CONNS_MAX),
@@ -1027,9 +1211,7 @@ impl Primary {
         w.state = WState::Draining;
         w.deadline = Some(Instant::now() + grace);
         info!(worker.id = w.slot, worker.pid = w.pid, "draining worker");
-        let mut f = Vec::with_capacity(8);
-        frame::encode_drain(&mut f);
-        self.send_control(k, f);
+        self.send_control(k, Control::Drain);
         self.rebuild_rotation();
     }
 

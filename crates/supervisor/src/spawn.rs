@@ -204,6 +204,38 @@ fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Closes every fd from `first` up, except `keep`. Async-signal-safe.
+///
+/// # Safety
+/// Only for a freshly forked child: closes fds that other code might think it owns.
+unsafe fn close_from(first: libc::c_int, keep: libc::c_int) {
+    let close_range = |lo: libc::c_int, hi: libc::c_uint| -> bool {
+        lo as libc::c_uint > hi
+            || libc::syscall(libc::SYS_close_range, lo as libc::c_uint, hi, 0) == 0
+    };
+    let below = if keep > first {
+        (keep - 1) as libc::c_uint
+    } else {
+        0
+    };
+    let ok =
+        (keep <= first || close_range(first, below)) && close_range(keep + 1, libc::c_uint::MAX);
+    if !ok {
+        // Kernels before 5.9: close one by one up to the fd limit.
+        let mut rl: libc::rlimit = std::mem::zeroed();
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 {
+            rl.rlim_cur.min(1 << 20) as libc::c_int
+        } else {
+            65536
+        };
+        for fd in first..max {
+            if fd != keep {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// The child side of `spawn`.
 ///
 /// # Safety
@@ -265,6 +297,20 @@ unsafe fn child(
             fail(err_w);
         }
     }
+    // Close everything else the primary may have inherited without close-on-exec (from a
+    // careless parent): the worker gets 0-2, its fds at 3.., and nothing more. The error pipe
+    // moves to the first fd after the targets so two close_range calls cover the rest.
+    let first_free = 3 + n as libc::c_int;
+    let err_w = if err_w != first_free {
+        let e = libc::fcntl(err_w, libc::F_DUPFD_CLOEXEC, first_free);
+        if e < 0 {
+            fail(err_w);
+        }
+        e
+    } else {
+        err_w
+    };
+    close_from(first_free, err_w);
     if !placeholder.is_null() {
         // Write our pid right-aligned into the 10 digits after "LISTEN_PID=", then shift it to
         // the start so no leading zeros remain.
