@@ -23,10 +23,10 @@ Theory of operation (the design of gunicorn's ``gthread`` worker, on a roundhous
   a figure changed, and ``HEARTBEAT`` when nothing was sent for a second.
 * **main thread** -- waits for the exit decision, sends a last ``STATS`` and exits.
 
-Drain (``DRAIN`` frame, or ``SIGTERM``): refuse further ``CONNS``, stop accepting on listeners,
-close idle keep-alive connections (serving one whose next request is already buffered), answer
-busy ones with ``Connection: close``, give a connection that has not sent its first request yet a
-short grace, and exit 0 once no connection is left.
+Drain (``DRAIN`` frame, or ``SIGTERM``): refuse further ``CONNS``, stop accepting on (and close)
+the listeners, answer every response from then on with ``Connection: close``, close a connection
+that stays idle for ``DRAIN_IDLE_WAIT`` (1 s, as the Rust library), and exit 0 once no
+connection is left.
 """
 
 import array
@@ -79,7 +79,7 @@ EX_SOFTWARE = 70  # a malformed frame from the primary (same status as the Rust 
 STATS_INTERVAL = 0.1
 HEARTBEAT_INTERVAL = 1.0
 IO_TIMEOUT = 30.0  # a started request, or a response write, must progress within this
-DRAIN_FIRST_REQUEST_WAIT = 2.0  # at drain, a connection with no request yet gets this long
+DRAIN_IDLE_WAIT = 1.0  # at drain, an idle connection gets this long to send one more request
 MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 
@@ -687,9 +687,9 @@ class Worker:
         self._sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         for i, lsock in enumerate(self.listeners):
             self._sel.register(lsock, selectors.EVENT_READ, ("listener", i))
-        fresh_deadline = {}  # during a drain: connection -> time to give up on its first request
+        idle_deadline = {}  # during a drain: idle connection -> when to close it
         while True:
-            timeout = 0.2 if fresh_deadline else None
+            timeout = 0.2 if idle_deadline else None
             for key, _ in self._sel.select(timeout):
                 if key.data == "wake":
                     try:
@@ -702,7 +702,7 @@ class Worker:
                 else:
                     conn = key.data
                     self._sel.unregister(conn.sock)
-                    fresh_deadline.pop(conn, None)
+                    idle_deadline.pop(conn, None)
                     self.pool.submit(self._serve, conn)
             while True:
                 try:
@@ -710,13 +710,13 @@ class Worker:
                 except queue.Empty:
                     break
                 if cmd[0] == "idle":
-                    self._park(cmd[1], fresh_deadline)
+                    self._park(cmd[1], idle_deadline)
                 elif cmd[0] == "drain":
-                    self._io_drain(fresh_deadline)
-            if fresh_deadline:
+                    self._io_drain(idle_deadline)
+            if idle_deadline:
                 now = time.monotonic()
-                for conn in [c for c, t in fresh_deadline.items() if t <= now]:
-                    del fresh_deadline[conn]
+                for conn in [c for c, t in idle_deadline.items() if t <= now]:
+                    del idle_deadline[conn]
                     self._sel.unregister(conn.sock)
                     self._close(conn)
 
@@ -739,18 +739,22 @@ class Worker:
             sock.settimeout(IO_TIMEOUT)
             self._adopt(Connection(sock, addr[:2]))
 
-    def _park(self, conn, fresh_deadline):
-        """An idle connection waits here (no thread) for its next request."""
+    def _park(self, conn, idle_deadline):
+        """An idle connection waits here (no thread) for its next request.
+
+        During a drain it waits DRAIN_IDLE_WAIT at most: closing it the instant the drain starts
+        would race a client already sending its next request (or, on a connection handed over
+        just before the DRAIN, its first one), and that request would fail."""
         if self.draining:
             state = self._peek(conn)
             if state == "data":
-                return self.pool.submit(self._serve, conn)
-            if state == "eof" or conn.served:
-                return self._close(conn)  # idle keep-alive during a drain: close it
-            fresh_deadline[conn] = time.monotonic() + DRAIN_FIRST_REQUEST_WAIT
+                return self.pool.submit(self._serve, conn)  # answered with Connection: close
+            if state == "eof":
+                return self._close(conn)
+            idle_deadline[conn] = time.monotonic() + DRAIN_IDLE_WAIT
         self._sel.register(conn.sock, selectors.EVENT_READ, conn)
 
-    def _io_drain(self, fresh_deadline):
+    def _io_drain(self, idle_deadline):
         for lsock in self.listeners:
             self._sel.unregister(lsock)
             lsock.close()
@@ -758,7 +762,7 @@ class Worker:
         for key in list(self._sel.get_map().values()):
             if isinstance(key.data, Connection):
                 self._sel.unregister(key.fileobj)
-                self._park(key.data, fresh_deadline)
+                self._park(key.data, idle_deadline)
         with self._lock:
             done = not self._conns
         if done:
