@@ -62,6 +62,9 @@ const TICK: Duration = Duration::from_millis(50);
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Longest a worker may leave a handed connection unacknowledged before it is killed as not
+/// reading its channel (or `--heartbeat-timeout`, if shorter).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a worker whose channel closed gets to be reaped before it is SIGKILLed.
 const CHANNEL_CLOSED_GRACE: Duration = Duration::from_millis(200);
 /// Time a hung worker gets between SIGTERM and SIGKILL.
@@ -77,6 +80,8 @@ struct Conn {
     stream: TcpStream,
     listener: u16,
     peer: SocketAddr,
+    /// When it was last handed to a worker (for the ack deadline).
+    sent_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -434,6 +439,7 @@ impl Primary {
 
     fn accept_from(&mut self, i: usize) {
         let listener_index = i as u16;
+        let now = Instant::now();
         for _ in 0..ACCEPT_BURST {
             if self.held.len() >= MAX_HELD {
                 break;
@@ -447,6 +453,7 @@ impl Primary {
                         stream,
                         listener: listener_index,
                         peer,
+                        sent_at: now,
                     });
                     self.accept_error_logged = false;
                 }
@@ -573,7 +580,11 @@ impl Primary {
         };
         match result {
             Ok(_) => {
-                w.inflight.extend(w.batch.drain(..));
+                let now = Instant::now();
+                w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                    c.sent_at = now;
+                    c
+                }));
                 false
             }
             Err(e) => {
@@ -643,7 +654,11 @@ impl Primary {
             }
         };
         if sent {
-            w.inflight.extend(w.batch.drain(..));
+            let now = Instant::now();
+            w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                c.sent_at = now;
+                c
+            }));
             return false;
         }
         for c in w.batch.drain(..).rev() {
@@ -1431,6 +1446,7 @@ impl Primary {
             self.accept_paused_until = None;
         }
         let hb = self.cfg.heartbeat_timeout;
+        let ack_timeout = hb.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));
         for k in 0..self.workers.len() {
             let Some(w) = self.workers[k].as_mut() else {
                 continue;
@@ -1466,6 +1482,20 @@ impl Primary {
                     continue;
                 }
                 _ => {}
+            }
+            // A live worker acknowledges within milliseconds; one that leaves a handoff
+            // unanswered this long is not reading its channel (it may still send heartbeats).
+            if matches!(w.state, WState::Online | WState::Draining)
+                && w.inflight
+                    .front()
+                    .is_some_and(|c| now.duration_since(c.sent_at) >= ack_timeout)
+            {
+                let why = format!(
+                    "it did not acknowledge a connection within {}s",
+                    ack_timeout.as_secs_f64()
+                );
+                self.kill_worker(k, &why);
+                continue;
             }
             if let (Some(timeout), WState::Online) = (hb, w.state) {
                 if now.duration_since(w.last_seen) >= timeout {
