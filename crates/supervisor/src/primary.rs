@@ -62,6 +62,11 @@ const TICK: Duration = Duration::from_millis(50);
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Longest a worker may leave a handed connection unacknowledged before it is killed as not
+/// reading its channel (or `--heartbeat-timeout`, if shorter).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a worker whose channel closed gets to be reaped before it is SIGKILLed.
+const CHANNEL_CLOSED_GRACE: Duration = Duration::from_millis(200);
 /// Time a hung worker gets between SIGTERM and SIGKILL.
 const HUNG_KILL_GRACE: Duration = Duration::from_secs(1);
 /// How long a worker that refused a connection while online is skipped.
@@ -75,6 +80,8 @@ struct Conn {
     stream: TcpStream,
     listener: u16,
     peer: SocketAddr,
+    /// When it was last handed to a worker (for the ack deadline).
+    sent_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +142,8 @@ struct Worker {
     /// Ready deadline (Starting), grace deadline (Draining), SIGKILL deadline (Dying).
     deadline: Option<Instant>,
     sigkilled: bool,
+    /// Why a `Dying` worker that has not been SIGKILLed yet will be at its deadline.
+    dying_reason: &'static str,
     recycle_at: Option<u64>,
 }
 
@@ -430,6 +439,7 @@ impl Primary {
 
     fn accept_from(&mut self, i: usize) {
         let listener_index = i as u16;
+        let now = Instant::now();
         for _ in 0..ACCEPT_BURST {
             if self.held.len() >= MAX_HELD {
                 break;
@@ -443,6 +453,7 @@ impl Primary {
                         stream,
                         listener: listener_index,
                         peer,
+                        sent_at: now,
                     });
                     self.accept_error_logged = false;
                 }
@@ -569,7 +580,11 @@ impl Primary {
         };
         match result {
             Ok(_) => {
-                w.inflight.extend(w.batch.drain(..));
+                let now = Instant::now();
+                w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                    c.sent_at = now;
+                    c
+                }));
                 false
             }
             Err(e) => {
@@ -639,7 +654,11 @@ impl Primary {
             }
         };
         if sent {
-            w.inflight.extend(w.batch.drain(..));
+            let now = Instant::now();
+            w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                c.sent_at = now;
+                c
+            }));
             return false;
         }
         for c in w.batch.drain(..).rev() {
@@ -845,6 +864,15 @@ impl Primary {
     }
 
     fn relay(&mut self, from: u32, to: Recipient, json: &[u8]) {
+        if json.len() > frame::MAX_MESSAGE && to != Recipient::Primary {
+            // Only a Node worker's line can be this long; it would not fit a native frame.
+            warn!(
+                worker.id = from,
+                bytes = json.len(),
+                "message too large to relay; dropped"
+            );
+            return;
+        }
         match to {
             Recipient::Primary => {
                 let text = String::from_utf8_lossy(json);
@@ -1111,6 +1139,7 @@ impl Primary {
             last_seen: now,
             deadline: Some(now + self.cfg.ready_timeout),
             sigkilled: false,
+            dying_reason: "",
             recycle_at,
         };
         let k = match self.free_keys.pop() {
@@ -1229,12 +1258,14 @@ impl Primary {
             worker.pid = w.pid,
             "killing worker: {why}"
         );
+        // Signal first, then drop the channel: the worker must not see end-of-file and exit
+        // "cleanly" before the kill lands.
+        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+        w.sigkilled = true;
         w.state = WState::Dying;
         w.chan = None;
         w.outbox.clear();
         w.write_blocked = false;
-        w.sigkilled = true;
-        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
         self.reclaim(k);
         self.rebuild_rotation();
         self.dispatch();
@@ -1264,10 +1295,18 @@ impl Primary {
                 self.reclaim(k);
                 self.dispatch();
             }
-            // An exiting process closes its channel just before SIGCHLD; one that keeps running
-            // without its channel is broken. Either way SIGKILL is right: the pid is not reaped
-            // yet, so it cannot belong to anyone else.
-            _ => self.kill_worker(k, "its channel closed"),
+            // An exiting process closes its channel just before SIGCHLD arrives; one that keeps
+            // running without its channel is broken. Take its connections back now (it can no
+            // longer acknowledge them) and give it a moment to be reaped before SIGKILL.
+            _ => {
+                w.state = WState::Dying;
+                w.outbox.clear();
+                w.deadline = Some(Instant::now() + CHANNEL_CLOSED_GRACE);
+                w.dying_reason = "it closed its channel but kept running";
+                self.reclaim(k);
+                self.rebuild_rotation();
+                self.dispatch();
+            }
         }
     }
 
@@ -1407,6 +1446,7 @@ impl Primary {
             self.accept_paused_until = None;
         }
         let hb = self.cfg.heartbeat_timeout;
+        let ack_timeout = hb.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));
         for k in 0..self.workers.len() {
             let Some(w) = self.workers[k].as_mut() else {
                 continue;
@@ -1431,11 +1471,31 @@ impl Primary {
                     continue;
                 }
                 (WState::Dying, Some(d)) if d <= now && !w.sigkilled => {
+                    warn!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        "killing worker: {}",
+                        w.dying_reason
+                    );
                     w.sigkilled = true;
                     let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
                     continue;
                 }
                 _ => {}
+            }
+            // A live worker acknowledges within milliseconds; one that leaves a handoff
+            // unanswered this long is not reading its channel (it may still send heartbeats).
+            if matches!(w.state, WState::Online | WState::Draining)
+                && w.inflight
+                    .front()
+                    .is_some_and(|c| now.duration_since(c.sent_at) >= ack_timeout)
+            {
+                let why = format!(
+                    "it did not acknowledge a connection within {}s",
+                    ack_timeout.as_secs_f64()
+                );
+                self.kill_worker(k, &why);
+                continue;
             }
             if let (Some(timeout), WState::Online) = (hb, w.state) {
                 if now.duration_since(w.last_seen) >= timeout {
@@ -1449,6 +1509,7 @@ impl Primary {
                     w.chan = None;
                     w.outbox.clear();
                     w.deadline = Some(now + HUNG_KILL_GRACE);
+                    w.dying_reason = "it did not exit after SIGTERM";
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                     // SIGTERM does not reach a stopped process; make sure it can act on it.
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
