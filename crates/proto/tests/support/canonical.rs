@@ -66,9 +66,9 @@ pub fn check_worker_frame(buf: &[u8], fds: usize) {
             buf,
             "accepted a non-canonical frame {f:?}"
         );
-        if let WorkerFrame::Message { json, .. } = f {
-            assert!(serde_json::from_slice::<serde_json::Value>(json).is_ok());
-        }
+        // Not checked: that a `MESSAGE` body parses as a `serde_json::Value`. The decoder checks
+        // the JSON grammar (RFC 8259), under which `1e999` is a number; `Value` cannot hold it.
+        // cargo-fuzz found this; recipients drop such a message (docs/reliability.md, H5).
     }
 }
 
