@@ -702,6 +702,7 @@ fn admin_requests_with_huge_or_broken_heads_are_refused_and_it_keeps_serving() {
     p.wait_ready();
     let admin = p.admin_addr();
     let refused = |what: &str, code: Option<u16>| {
+        eprintln!("FIGURE admin: {what} -> {code:?}");
         assert!(
             matches!(code, Some(400 | 413 | 414 | 431)),
             "{what}: answered {code:?}, expected a 4xx refusal"
