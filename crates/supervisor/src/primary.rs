@@ -848,7 +848,8 @@ impl Primary {
         if !policy.hands_off() {
             c.connections_total += s.accepted - prev.accepted;
         }
-        if let (Some(limit), WState::Online) = (w.recycle_at, w.state) {
+        // Recycle once past --max-requests; if a reload is running, retry at the next STATS.
+        if let (Some(limit), WState::Online, None) = (w.recycle_at, w.state, &self.reload) {
             if s.requests >= limit {
                 w.recycle_at = None;
                 info!(
