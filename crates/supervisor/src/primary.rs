@@ -50,8 +50,15 @@ pub(crate) const WINDOW: usize = 128;
 /// Connections the primary holds while no worker can take them; past this it stops accepting
 /// and the kernel backlog holds the rest.
 pub(crate) const MAX_HELD: usize = 1024;
-/// Frames queued for a worker that does not read its channel before it is killed as hung.
-pub(crate) const MAX_OUTBOX: usize = 1024;
+/// Bytes of messages queued for a worker that reads its channel slower than they come; past
+/// this, new messages for it are dropped (with one warning per episode) instead of growing the
+/// primary's memory.
+pub(crate) const MAX_OUTBOX_BYTES: usize = 1 << 20;
+/// A worker whose queued frames make no progress for this long does not read its channel: it is
+/// killed.
+const OUTBOX_STALL: Duration = Duration::from_secs(10);
+/// Frames read from a worker that has just exited (its last words).
+const READ_ON_EXIT: usize = 1024;
 /// Connections accepted per listener per wake-up, so acks and exits are not starved.
 const ACCEPT_BURST: usize = 256;
 /// Frames read from one worker per wake-up.
@@ -132,7 +139,13 @@ struct Worker {
     batch: Vec<Conn>,
     write_blocked: bool,
     skip_until: Option<Instant>,
+    /// Frames (Node: byte runs) waiting for the channel to become writable.
     outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+    /// Last time the outbox made progress while not empty (None when empty).
+    outbox_since: Option<Instant>,
+    /// Messages for this worker are being dropped (its outbox is over budget).
+    dropping_messages: bool,
     /// Connections this worker acknowledged (handoff policies).
     acked: u64,
     /// Last cumulative counters the worker reported.
@@ -148,6 +161,18 @@ struct Worker {
 }
 
 impl Worker {
+    fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.outbox_since = None;
+    }
+    fn queue(&mut self, f: Vec<u8>) {
+        if self.outbox.is_empty() {
+            self.outbox_since = Some(Instant::now());
+        }
+        self.outbox_bytes += f.len();
+        self.outbox.push_back(f);
+    }
     fn active(&self, policy: Policy) -> u64 {
         let opened = if policy.hands_off() {
             self.acked
@@ -258,6 +283,7 @@ pub(crate) struct Primary {
     phase: Phase,
     reload: Option<Reload>,
     announced_ready: bool,
+    last_drop_warning: Option<Instant>,
     any_online_ever: bool,
     fatal: Option<RunError>,
     scratch: Vec<u8>,
@@ -326,6 +352,7 @@ impl Primary {
             phase: Phase::Running,
             reload: None,
             announced_ready: false,
+            last_drop_warning: None,
             any_online_ever: false,
             fatal: None,
             scratch: Vec::with_capacity(MAX_FRAME),
@@ -631,7 +658,7 @@ impl Primary {
                         Ok(n) => {
                             if n < self.scratch.len() {
                                 // The fd went with the first bytes; the rest follows alone.
-                                w.outbox.push_back(self.scratch[n..].to_vec());
+                                w.queue(self.scratch[n..].to_vec());
                                 w.write_blocked = true;
                             }
                             true
@@ -876,7 +903,10 @@ impl Primary {
         }
         match to {
             Recipient::Primary => {
-                let text = String::from_utf8_lossy(json);
+                const LOGGED: usize = 1024;
+                let text = String::from_utf8_lossy(&json[..json.len().min(LOGGED)]);
+                let more = if json.len() > LOGGED { "…" } else { "" };
+                let text = format!("{text}{more}");
                 info!(worker.id = from, message = %text, "message from worker");
                 if let Ok(value) = serde_json::from_slice(json) {
                     let _ = self.events.send(Event::Message {
@@ -887,11 +917,19 @@ impl Primary {
             }
             Recipient::Worker(id) => {
                 if !self.message_slot(id, from, json) {
-                    warn!(
-                        worker.id = from,
-                        to = id,
-                        "message to unknown worker dropped"
-                    );
+                    // Once a second at most: a flooding worker must not flood the log too.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_warning
+                        .is_none_or(|t| now - t >= Duration::from_secs(1))
+                    {
+                        self.last_drop_warning = Some(now);
+                        warn!(
+                            worker.id = from,
+                            to = id,
+                            "message to unknown (or restarting) worker dropped"
+                        );
+                    }
                 }
             }
             Recipient::All => {
@@ -926,6 +964,7 @@ impl Primary {
         if w.chan.is_none() {
             return;
         }
+        let is_message = matches!(c, Control::Message { .. });
         let mut f = Vec::new();
         if w.node.is_some() {
             match c {
@@ -963,11 +1002,18 @@ impl Primary {
                 }
             }
         }
-        if w.outbox.len() >= MAX_OUTBOX {
-            self.kill_worker(k, "it does not read its channel");
+        if is_message && w.outbox_bytes + f.len() > MAX_OUTBOX_BYTES {
+            if !w.dropping_messages {
+                warn!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    "worker reads its channel slower than messages arrive: dropping messages for it until it catches up"
+                );
+                w.dropping_messages = true;
+            }
             return;
         }
-        w.outbox.push_back(f);
+        w.queue(f);
     }
 
     fn on_writable(&mut self, k: usize) {
@@ -979,18 +1025,24 @@ impl Primary {
             match chan.try_io(Interest::WRITABLE, |fd| sys::send_frame(fd.as_fd(), f, &[])) {
                 Ok(n) if n < f.len() => {
                     f.drain(..n);
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
-                Ok(_) => {
+                Ok(n) => {
                     w.outbox.pop_front();
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
-                    w.outbox.clear();
+                    w.clear_outbox();
                     break;
                 }
             }
         }
         w.write_blocked = false;
+        w.outbox_since = None;
+        w.dropping_messages = false;
         self.dispatch();
     }
 
@@ -1134,6 +1186,9 @@ impl Primary {
             write_blocked: false,
             skip_until: None,
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            outbox_since: None,
+            dropping_messages: false,
             acked: 0,
             reported: WireStats::default(),
             online_at: None,
@@ -1265,7 +1320,7 @@ impl Primary {
         w.sigkilled = true;
         w.state = WState::Dying;
         w.chan = None;
-        w.outbox.clear();
+        w.clear_outbox();
         w.write_blocked = false;
         self.reclaim(k);
         self.rebuild_rotation();
@@ -1301,7 +1356,7 @@ impl Primary {
             // longer acknowledge them) and give it a moment to be reaped before SIGKILL.
             _ => {
                 w.state = WState::Dying;
-                w.outbox.clear();
+                w.clear_outbox();
                 w.deadline = Some(Instant::now() + CHANNEL_CLOSED_GRACE);
                 w.dying_reason = "it closed its channel but kept running";
                 self.reclaim(k);
@@ -1336,7 +1391,7 @@ impl Primary {
         }
         // Read what it wrote before it exited (its final STATS, late acks), so the books are
         // right: a worker that closed every connection has lost none.
-        self.read_worker(k, MAX_OUTBOX, true);
+        self.read_worker(k, READ_ON_EXIT, true);
         self.reclaim(k);
         let w = self.workers[k].take().expect("live worker");
         self.free_keys.push(k);
@@ -1484,6 +1539,12 @@ impl Primary {
                 }
                 _ => {}
             }
+            if w.outbox_since
+                .is_some_and(|t| now.duration_since(t) >= OUTBOX_STALL)
+            {
+                self.kill_worker(k, "it does not read its channel");
+                continue;
+            }
             // A live worker acknowledges within milliseconds; one that leaves a handoff
             // unanswered this long is not reading its channel (it may still send heartbeats).
             if matches!(w.state, WState::Online | WState::Draining)
@@ -1508,7 +1569,7 @@ impl Primary {
                     );
                     w.state = WState::Dying;
                     w.chan = None;
-                    w.outbox.clear();
+                    w.clear_outbox();
                     w.deadline = Some(now + HUNG_KILL_GRACE);
                     w.dying_reason = "it did not exit after SIGTERM";
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
