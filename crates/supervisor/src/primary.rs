@@ -221,7 +221,8 @@ struct Reload {
     /// (slot id, new worker key) being brought online.
     step: Option<(u32, usize)>,
     replies: Vec<oneshot::Sender<Result<(), String>>>,
-    notify_systemd: bool,
+    /// A whole reload (SIGHUP / `roundhouse reload`: systemd is told), not a one-slot recycle.
+    full: bool,
 }
 
 enum Phase {
@@ -482,9 +483,15 @@ impl Primary {
                         peer,
                         sent_at: now,
                     });
-                    self.accept_error_logged = false;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The backlog drained without running out of fds: the episode is over.
+                    if self.accept_error_logged {
+                        info!(listener.addr = %self.addrs[i], "accepting again: fds available");
+                        self.accept_error_logged = false;
+                    }
+                    break;
+                }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         if !self.accept_error_logged {
@@ -907,7 +914,7 @@ impl Primary {
                 let text = String::from_utf8_lossy(&json[..json.len().min(LOGGED)]);
                 let more = if json.len() > LOGGED { "…" } else { "" };
                 let text = format!("{text}{more}");
-                info!(worker.id = from, message = %text, "message from worker");
+                info!(worker.id = from, json = %text, "message from worker");
                 if let Ok(value) = serde_json::from_slice(json) {
                     let _ = self.events.send(Event::Message {
                         from,
@@ -1090,7 +1097,12 @@ impl Primary {
         } else {
             sys::seqpacket_pair()
         };
-        let (primary_end, child_end) = match pair {
+        let (primary_end, child_end) = match pair.and_then(|(p, c)| {
+            // The worker's end is its own open file description: make it blocking, as an
+            // inherited fd normally is (protocol.md section 2); the primary's stays non-blocking.
+            sys::set_blocking(&c)?;
+            Ok((p, c))
+        }) {
             Ok(p) => p,
             Err(e) => {
                 error!(worker.id = id, "could not create a channel: {e}");
@@ -1107,9 +1119,19 @@ impl Primary {
             listeners.iter().map(|l| l.as_fd()).collect();
         fds.push(child_end.as_fd());
         let channel_fd = 3 + listeners.len();
+        // Heartbeats at a quarter of the timeout (at most every 100 ms, at least every second),
+        // so a healthy worker is never declared hung whatever --heartbeat-timeout is.
+        let heartbeat_ms = self
+            .cfg
+            .heartbeat_timeout
+            .map_or(1000, |t| (t.as_millis() / 4).clamp(100, 1000));
         let mut env: Vec<(OsString, OsString)> = vec![
             ("ROUNDHOUSE_WORKER_ID".into(), id.to_string().into()),
             ("ROUNDHOUSE_POLICY".into(), self.cfg.policy.as_str().into()),
+            (
+                "ROUNDHOUSE_HEARTBEAT_MS".into(),
+                heartbeat_ms.to_string().into(),
+            ),
         ];
         if self.cfg.node {
             env.extend(crate::node::worker_env(
@@ -1586,6 +1608,23 @@ impl Primary {
                 self.kill_all();
             }
         }
+        // A worker that passed --max-requests while another slot was recycling (and has been
+        // quiet since, so no STATS brings it up again).
+        if self.reload.is_none() {
+            let due = self.workers.iter().flatten().find(|w| {
+                w.state == WState::Online
+                    && w.role == Role::Current
+                    && w.recycle_at.is_some_and(|n| w.reported.requests >= n)
+            });
+            if let Some(w) = due {
+                let idx = (w.slot - 1) as usize;
+                let k = self.slots[idx].current;
+                if let Some(w) = k.and_then(|k| self.workers[k].as_mut()) {
+                    w.recycle_at = None;
+                }
+                self.recycle(idx);
+            }
+        }
         self.run_due_restarts();
         // Retry anything held (skipped workers may be eligible again).
         self.dispatch();
@@ -1722,7 +1761,19 @@ impl Primary {
             return;
         }
         if let Some(r) = &mut self.reload {
-            // One reload at a time; a second request waits for the running one.
+            if !r.full {
+                // A --max-requests recycle is running: make it a full reload of every slot.
+                info!("reloading workers one by one (after the running recycle)");
+                notify::reloading();
+                r.full = true;
+                let stepping = r.step.map(|(id, _)| id);
+                for s in self.slots.iter().filter(|s| s.wanted) {
+                    if Some(s.id) != stepping && !r.queue.contains(&s.id) {
+                        r.queue.push_back(s.id);
+                    }
+                }
+            }
+            // Otherwise one reload at a time: this request is answered when it finishes.
             r.replies.push(reply);
             return;
         }
@@ -1738,7 +1789,7 @@ impl Primary {
             queue,
             step: None,
             replies: vec![reply],
-            notify_systemd: true,
+            full: true,
         });
         self.advance_reload();
     }
@@ -1752,7 +1803,7 @@ impl Primary {
             queue: VecDeque::from([self.slots[idx].id]),
             step: None,
             replies: Vec::new(),
-            notify_systemd: false,
+            full: false,
         });
         self.advance_reload();
     }
@@ -1804,11 +1855,11 @@ impl Primary {
             }
         }
         match &result {
-            Ok(()) if r.notify_systemd => info!("reload complete"),
+            Ok(()) if r.full => info!("reload complete"),
             Ok(()) => {}
             Err(e) => error!("{e}"),
         }
-        if r.notify_systemd {
+        if r.full {
             notify::notify("READY=1");
         }
         for reply in r.replies {
