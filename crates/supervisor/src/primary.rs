@@ -155,6 +155,10 @@ struct Worker {
     /// Ready deadline (Starting), grace deadline (Draining), SIGKILL deadline (Dying).
     deadline: Option<Instant>,
     sigkilled: bool,
+    /// `least-conn` heap bookkeeping: position, load and last-pick stamp.
+    lc_pos: usize,
+    lc_load: u64,
+    lc_seq: u64,
     /// Why a `Dying` worker that has not been SIGKILLed yet will be at its deadline.
     dying_reason: &'static str,
     recycle_at: Option<u64>,
@@ -271,6 +275,10 @@ pub(crate) struct Primary {
     /// Online workers in slot order: the rotation.
     rotation: Vec<usize>,
     rr_cursor: usize,
+    /// `least-conn`: indexed min-heap of the rotation's workers, and its search scratch.
+    lc_heap: Vec<usize>,
+    lc_search: std::collections::BinaryHeap<std::cmp::Reverse<((u64, u64), usize)>>,
+    lc_seq: u64,
     held: VecDeque<Conn>,
     next_conn_id: u64,
     dirty: Vec<usize>,
@@ -340,6 +348,9 @@ impl Primary {
             free_keys: Vec::new(),
             rotation: Vec::new(),
             rr_cursor: 0,
+            lc_heap: Vec::new(),
+            lc_search: std::collections::BinaryHeap::new(),
+            lc_seq: 0,
             held: VecDeque::with_capacity(MAX_HELD),
             next_conn_id: 1,
             dirty: Vec::with_capacity(64),
@@ -528,8 +539,14 @@ impl Primary {
                     self.dirty.push(k);
                 }
                 w.batch.push(conn);
-                if w.batch.len() == CONNS_MAX || w.node.is_some() {
-                    self.flush(k);
+                if self.cfg.policy == Policy::LeastConn {
+                    self.lc_seq += 1;
+                    w.lc_seq = self.lc_seq;
+                    self.lc_update(k);
+                }
+                let w = self.workers[k].as_mut().expect("picked a live worker");
+                if (w.batch.len() == CONNS_MAX || w.node.is_some()) && self.flush(k) {
+                    self.lc_update(k);
                 }
                 if self.held.is_empty() {
                     break;
@@ -537,7 +554,10 @@ impl Primary {
             }
             let mut requeued = false;
             while let Some(k) = self.dirty.pop() {
-                requeued |= self.flush(k);
+                if self.flush(k) {
+                    requeued = true;
+                    self.lc_update(k);
+                }
             }
             if !requeued {
                 return;
@@ -549,27 +569,7 @@ impl Primary {
     fn pick(&mut self, now: Instant) -> Option<usize> {
         let n = self.rotation.len();
         match self.cfg.policy {
-            Policy::LeastConn => {
-                // O(online workers) per connection. With the window bound and batching this is
-                // cheap for realistic counts (tens of workers); see docs/lifecycle.md.
-                let policy = self.cfg.policy;
-                let mut best: Option<(u64, usize)> = None;
-                for j in 0..n {
-                    let idx = (self.rr_cursor + j) % n;
-                    let k = self.rotation[idx];
-                    let w = self.workers[k].as_ref()?;
-                    if !w.eligible(now) {
-                        continue;
-                    }
-                    let load = w.active(policy) + (w.inflight.len() + w.batch.len()) as u64;
-                    if best.is_none_or(|(b, _)| load < b) {
-                        best = Some((load, idx));
-                    }
-                }
-                let (_, idx) = best?;
-                self.rr_cursor = (idx + 1) % n;
-                Some(self.rotation[idx])
-            }
+            Policy::LeastConn => self.lc_pick(now),
             _ => {
                 for j in 0..n {
                     let idx = (self.rr_cursor + j) % n;
@@ -865,10 +865,17 @@ impl Primary {
                 drop(conn); // the worker has its copy: close ours so its close() sends FIN
             }
         }
+        self.lc_update(k);
         Ok(())
     }
 
     fn on_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
+        let result = self.apply_stats(k, s);
+        self.lc_update(k);
+        result
+    }
+
+    fn apply_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
         let policy = self.cfg.policy;
         let w = self.workers[k].as_mut().expect("live worker");
         let slot_idx = (w.slot - 1) as usize;
@@ -1217,6 +1224,9 @@ impl Primary {
             last_seen: now,
             deadline: Some(now + self.cfg.ready_timeout),
             sigkilled: false,
+            lc_pos: usize::MAX,
+            lc_load: 0,
+            lc_seq: 0,
             dying_reason: "",
             recycle_at,
         };
@@ -1288,6 +1298,130 @@ impl Primary {
         if self.rr_cursor >= self.rotation.len() {
             self.rr_cursor = 0;
         }
+        self.lc_rebuild();
+    }
+
+    // ----- least-conn: an indexed min-heap of online workers -----------------------------
+    //
+    // Keyed by (open + unacknowledged connections, time of last pick): the least loaded worker
+    // first, and among equals the one picked longest ago (the rotation). Picking and every load
+    // change cost O(log workers) and allocate nothing once the heap has grown; a worker that is
+    // not eligible right now (full window, full channel) is stepped over by a best-first walk.
+
+    fn lc_key(&self, k: usize) -> (u64, u64) {
+        // A worker reaped since the last rebuild sorts last (and is not eligible).
+        self.workers[k]
+            .as_ref()
+            .map_or((u64::MAX, u64::MAX), |w| (w.lc_load, w.lc_seq))
+    }
+
+    fn lc_load_of(&self, k: usize) -> u64 {
+        let w = self.workers[k].as_ref().expect("live worker");
+        w.active(self.cfg.policy) + (w.inflight.len() + w.batch.len()) as u64
+    }
+
+    fn lc_swap(&mut self, i: usize, j: usize) {
+        self.lc_heap.swap(i, j);
+        for at in [i, j] {
+            let k = self.lc_heap[at];
+            if let Some(w) = self.workers[k].as_mut() {
+                w.lc_pos = at;
+            }
+        }
+    }
+
+    fn lc_sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.lc_key(self.lc_heap[i]) >= self.lc_key(self.lc_heap[parent]) {
+                break;
+            }
+            self.lc_swap(i, parent);
+            i = parent;
+        }
+    }
+
+    fn lc_sift_down(&mut self, mut i: usize) {
+        let n = self.lc_heap.len();
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < n && self.lc_key(self.lc_heap[l]) < self.lc_key(self.lc_heap[least]) {
+                least = l;
+            }
+            if r < n && self.lc_key(self.lc_heap[r]) < self.lc_key(self.lc_heap[least]) {
+                least = r;
+            }
+            if least == i {
+                return;
+            }
+            self.lc_swap(i, least);
+            i = least;
+        }
+    }
+
+    /// Re-keys worker `k` after its load changed (no-op for other policies).
+    fn lc_update(&mut self, k: usize) {
+        if self.cfg.policy != Policy::LeastConn {
+            return;
+        }
+        let Some(pos) = self.workers[k].as_ref().map(|w| w.lc_pos) else {
+            return;
+        };
+        if pos >= self.lc_heap.len() || self.lc_heap[pos] != k {
+            return;
+        }
+        let load = self.lc_load_of(k);
+        self.workers[k].as_mut().expect("live").lc_load = load;
+        self.lc_sift_up(pos);
+        let pos = self.workers[k].as_ref().expect("live").lc_pos;
+        self.lc_sift_down(pos);
+    }
+
+    fn lc_rebuild(&mut self) {
+        if self.cfg.policy != Policy::LeastConn {
+            return;
+        }
+        self.lc_heap.clear();
+        for i in 0..self.rotation.len() {
+            let k = self.rotation[i];
+            let load = self.lc_load_of(k);
+            let w = self.workers[k]
+                .as_mut()
+                .expect("rotation holds live workers");
+            w.lc_load = load;
+            w.lc_pos = self.lc_heap.len();
+            self.lc_heap.push(k);
+        }
+        for i in (0..self.lc_heap.len() / 2).rev() {
+            self.lc_sift_down(i);
+        }
+    }
+
+    /// The eligible worker with the smallest key: best-first from the root, so ineligible
+    /// workers near the top are stepped over without visiting the rest.
+    fn lc_pick(&mut self, now: Instant) -> Option<usize> {
+        use std::cmp::Reverse;
+        let mut search = std::mem::take(&mut self.lc_search);
+        search.clear();
+        if !self.lc_heap.is_empty() {
+            search.push(Reverse((self.lc_key(self.lc_heap[0]), 0)));
+        }
+        let mut found = None;
+        while let Some(Reverse((_, i))) = search.pop() {
+            let k = self.lc_heap[i];
+            if self.workers[k].as_ref().is_some_and(|w| w.eligible(now)) {
+                found = Some(k);
+                break;
+            }
+            for c in [2 * i + 1, 2 * i + 2] {
+                if c < self.lc_heap.len() {
+                    search.push(Reverse((self.lc_key(self.lc_heap[c]), c)));
+                }
+            }
+        }
+        self.lc_search = search;
+        found
     }
 
     /// Takes back every connection a worker has not acknowledged, oldest first.
