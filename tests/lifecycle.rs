@@ -1013,24 +1013,30 @@ fn a_worker_never_ready_is_killed_at_ready_timeout_and_restarted_with_backoff() 
 // ---------------------------------------------------------------------------------------------
 
 /// `target/debug/examples/embed`, next to the binaries under test. `cargo test` builds the
-/// examples; `cargo test --test lifecycle` does not, so it is built here when missing.
+/// examples; `cargo test --test lifecycle` does not, so it is built here (once per run) when
+/// missing. An existing one is used as is: after changing the example, run plain `cargo test`
+/// or `cargo build --example embed`.
 fn embed_bin() -> PathBuf {
-    let dir = Path::new(env!("CARGO_BIN_EXE_roundhouse"))
-        .parent()
-        .unwrap();
-    let bin = dir.join("examples").join("embed");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        let status = Command::new(&cargo)
-            .args(["build", "--example", "embed", "--manifest-path"])
-            .arg(&manifest)
-            .status()
-            .unwrap_or_else(|e| panic!("could not run {cargo}: {e}"));
-        assert!(status.success(), "`cargo build --example embed` failed");
-    }
-    assert!(bin.exists(), "{} is missing", bin.display());
-    bin
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_BIN_EXE_roundhouse"))
+            .parent()
+            .unwrap();
+        let bin = dir.join("examples").join("embed");
+        if !bin.exists() {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+            let status = Command::new(&cargo)
+                .args(["build", "--example", "embed", "--manifest-path"])
+                .arg(&manifest)
+                .status()
+                .unwrap_or_else(|e| panic!("could not run {cargo}: {e}"));
+            assert!(status.success(), "`cargo build --example embed` failed");
+        }
+        assert!(bin.exists(), "{} is missing", bin.display());
+        bin
+    })
+    .clone()
 }
 
 fn start_embed(args: &[&str]) -> Primary {
