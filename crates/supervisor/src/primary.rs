@@ -50,8 +50,15 @@ pub(crate) const WINDOW: usize = 128;
 /// Connections the primary holds while no worker can take them; past this it stops accepting
 /// and the kernel backlog holds the rest.
 pub(crate) const MAX_HELD: usize = 1024;
-/// Frames queued for a worker that does not read its channel before it is killed as hung.
-pub(crate) const MAX_OUTBOX: usize = 1024;
+/// Bytes of messages queued for a worker that reads its channel slower than they come; past
+/// this, new messages for it are dropped (with one warning per episode) instead of growing the
+/// primary's memory.
+pub(crate) const MAX_OUTBOX_BYTES: usize = 1 << 20;
+/// A worker whose queued frames make no progress for this long does not read its channel: it is
+/// killed.
+const OUTBOX_STALL: Duration = Duration::from_secs(10);
+/// Frames read from a worker that has just exited (its last words).
+const READ_ON_EXIT: usize = 1024;
 /// Connections accepted per listener per wake-up, so acks and exits are not starved.
 const ACCEPT_BURST: usize = 256;
 /// Frames read from one worker per wake-up.
@@ -62,6 +69,11 @@ const TICK: Duration = Duration::from_millis(50);
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Longest a worker may leave a handed connection unacknowledged before it is killed as not
+/// reading its channel (or `--heartbeat-timeout`, if shorter).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a worker whose channel closed gets to be reaped before it is SIGKILLed.
+const CHANNEL_CLOSED_GRACE: Duration = Duration::from_millis(200);
 /// Time a hung worker gets between SIGTERM and SIGKILL.
 const HUNG_KILL_GRACE: Duration = Duration::from_secs(1);
 /// How long a worker that refused a connection while online is skipped.
@@ -75,6 +87,8 @@ struct Conn {
     stream: TcpStream,
     listener: u16,
     peer: SocketAddr,
+    /// When it was last handed to a worker (for the ack deadline).
+    sent_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +139,13 @@ struct Worker {
     batch: Vec<Conn>,
     write_blocked: bool,
     skip_until: Option<Instant>,
+    /// Frames (Node: byte runs) waiting for the channel to become writable.
     outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+    /// Last time the outbox made progress while not empty (None when empty).
+    outbox_since: Option<Instant>,
+    /// Messages for this worker are being dropped (its outbox is over budget).
+    dropping_messages: bool,
     /// Connections this worker acknowledged (handoff policies).
     acked: u64,
     /// Last cumulative counters the worker reported.
@@ -135,10 +155,24 @@ struct Worker {
     /// Ready deadline (Starting), grace deadline (Draining), SIGKILL deadline (Dying).
     deadline: Option<Instant>,
     sigkilled: bool,
+    /// Why a `Dying` worker that has not been SIGKILLed yet will be at its deadline.
+    dying_reason: &'static str,
     recycle_at: Option<u64>,
 }
 
 impl Worker {
+    fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.outbox_since = None;
+    }
+    fn queue(&mut self, f: Vec<u8>) {
+        if self.outbox.is_empty() {
+            self.outbox_since = Some(Instant::now());
+        }
+        self.outbox_bytes += f.len();
+        self.outbox.push_back(f);
+    }
     fn active(&self, policy: Policy) -> u64 {
         let opened = if policy.hands_off() {
             self.acked
@@ -249,6 +283,7 @@ pub(crate) struct Primary {
     phase: Phase,
     reload: Option<Reload>,
     announced_ready: bool,
+    last_drop_warning: Option<Instant>,
     any_online_ever: bool,
     fatal: Option<RunError>,
     scratch: Vec<u8>,
@@ -317,6 +352,7 @@ impl Primary {
             phase: Phase::Running,
             reload: None,
             announced_ready: false,
+            last_drop_warning: None,
             any_online_ever: false,
             fatal: None,
             scratch: Vec::with_capacity(MAX_FRAME),
@@ -430,6 +466,7 @@ impl Primary {
 
     fn accept_from(&mut self, i: usize) {
         let listener_index = i as u16;
+        let now = Instant::now();
         for _ in 0..ACCEPT_BURST {
             if self.held.len() >= MAX_HELD {
                 break;
@@ -443,6 +480,7 @@ impl Primary {
                         stream,
                         listener: listener_index,
                         peer,
+                        sent_at: now,
                     });
                     self.accept_error_logged = false;
                 }
@@ -569,7 +607,11 @@ impl Primary {
         };
         match result {
             Ok(_) => {
-                w.inflight.extend(w.batch.drain(..));
+                let now = Instant::now();
+                w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                    c.sent_at = now;
+                    c
+                }));
                 false
             }
             Err(e) => {
@@ -616,7 +658,7 @@ impl Primary {
                         Ok(n) => {
                             if n < self.scratch.len() {
                                 // The fd went with the first bytes; the rest follows alone.
-                                w.outbox.push_back(self.scratch[n..].to_vec());
+                                w.queue(self.scratch[n..].to_vec());
                                 w.write_blocked = true;
                             }
                             true
@@ -639,7 +681,11 @@ impl Primary {
             }
         };
         if sent {
-            w.inflight.extend(w.batch.drain(..));
+            let now = Instant::now();
+            w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                c.sent_at = now;
+                c
+            }));
             return false;
         }
         for c in w.batch.drain(..).rev() {
@@ -829,7 +875,8 @@ impl Primary {
         if !policy.hands_off() {
             c.connections_total += s.accepted - prev.accepted;
         }
-        if let (Some(limit), WState::Online) = (w.recycle_at, w.state) {
+        // Recycle once past --max-requests; if a reload is running, retry at the next STATS.
+        if let (Some(limit), WState::Online, None) = (w.recycle_at, w.state, &self.reload) {
             if s.requests >= limit {
                 w.recycle_at = None;
                 info!(
@@ -845,9 +892,21 @@ impl Primary {
     }
 
     fn relay(&mut self, from: u32, to: Recipient, json: &[u8]) {
+        if json.len() > frame::MAX_MESSAGE && to != Recipient::Primary {
+            // Only a Node worker's line can be this long; it would not fit a native frame.
+            warn!(
+                worker.id = from,
+                bytes = json.len(),
+                "message too large to relay; dropped"
+            );
+            return;
+        }
         match to {
             Recipient::Primary => {
-                let text = String::from_utf8_lossy(json);
+                const LOGGED: usize = 1024;
+                let text = String::from_utf8_lossy(&json[..json.len().min(LOGGED)]);
+                let more = if json.len() > LOGGED { "…" } else { "" };
+                let text = format!("{text}{more}");
                 info!(worker.id = from, message = %text, "message from worker");
                 if let Ok(value) = serde_json::from_slice(json) {
                     let _ = self.events.send(Event::Message {
@@ -858,11 +917,19 @@ impl Primary {
             }
             Recipient::Worker(id) => {
                 if !self.message_slot(id, from, json) {
-                    warn!(
-                        worker.id = from,
-                        to = id,
-                        "message to unknown worker dropped"
-                    );
+                    // Once a second at most: a flooding worker must not flood the log too.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_warning
+                        .is_none_or(|t| now - t >= Duration::from_secs(1))
+                    {
+                        self.last_drop_warning = Some(now);
+                        warn!(
+                            worker.id = from,
+                            to = id,
+                            "message to unknown (or restarting) worker dropped"
+                        );
+                    }
                 }
             }
             Recipient::All => {
@@ -897,6 +964,7 @@ impl Primary {
         if w.chan.is_none() {
             return;
         }
+        let is_message = matches!(c, Control::Message { .. });
         let mut f = Vec::new();
         if w.node.is_some() {
             match c {
@@ -934,11 +1002,18 @@ impl Primary {
                 }
             }
         }
-        if w.outbox.len() >= MAX_OUTBOX {
-            self.kill_worker(k, "it does not read its channel");
+        if is_message && w.outbox_bytes + f.len() > MAX_OUTBOX_BYTES {
+            if !w.dropping_messages {
+                warn!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    "worker reads its channel slower than messages arrive: dropping messages for it until it catches up"
+                );
+                w.dropping_messages = true;
+            }
             return;
         }
-        w.outbox.push_back(f);
+        w.queue(f);
     }
 
     fn on_writable(&mut self, k: usize) {
@@ -950,18 +1025,24 @@ impl Primary {
             match chan.try_io(Interest::WRITABLE, |fd| sys::send_frame(fd.as_fd(), f, &[])) {
                 Ok(n) if n < f.len() => {
                     f.drain(..n);
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
-                Ok(_) => {
+                Ok(n) => {
                     w.outbox.pop_front();
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
-                    w.outbox.clear();
+                    w.clear_outbox();
                     break;
                 }
             }
         }
         w.write_blocked = false;
+        w.outbox_since = None;
+        w.dropping_messages = false;
         self.dispatch();
     }
 
@@ -1105,12 +1186,16 @@ impl Primary {
             write_blocked: false,
             skip_until: None,
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            outbox_since: None,
+            dropping_messages: false,
             acked: 0,
             reported: WireStats::default(),
             online_at: None,
             last_seen: now,
             deadline: Some(now + self.cfg.ready_timeout),
             sigkilled: false,
+            dying_reason: "",
             recycle_at,
         };
         let k = match self.free_keys.pop() {
@@ -1229,12 +1314,14 @@ impl Primary {
             worker.pid = w.pid,
             "killing worker: {why}"
         );
+        // Signal first, then drop the channel: the worker must not see end-of-file and exit
+        // "cleanly" before the kill lands.
+        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+        w.sigkilled = true;
         w.state = WState::Dying;
         w.chan = None;
-        w.outbox.clear();
+        w.clear_outbox();
         w.write_blocked = false;
-        w.sigkilled = true;
-        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
         self.reclaim(k);
         self.rebuild_rotation();
         self.dispatch();
@@ -1264,10 +1351,18 @@ impl Primary {
                 self.reclaim(k);
                 self.dispatch();
             }
-            // An exiting process closes its channel just before SIGCHLD; one that keeps running
-            // without its channel is broken. Either way SIGKILL is right: the pid is not reaped
-            // yet, so it cannot belong to anyone else.
-            _ => self.kill_worker(k, "its channel closed"),
+            // An exiting process closes its channel just before SIGCHLD arrives; one that keeps
+            // running without its channel is broken. Take its connections back now (it can no
+            // longer acknowledge them) and give it a moment to be reaped before SIGKILL.
+            _ => {
+                w.state = WState::Dying;
+                w.clear_outbox();
+                w.deadline = Some(Instant::now() + CHANNEL_CLOSED_GRACE);
+                w.dying_reason = "it closed its channel but kept running";
+                self.reclaim(k);
+                self.rebuild_rotation();
+                self.dispatch();
+            }
         }
     }
 
@@ -1296,7 +1391,7 @@ impl Primary {
         }
         // Read what it wrote before it exited (its final STATS, late acks), so the books are
         // right: a worker that closed every connection has lost none.
-        self.read_worker(k, MAX_OUTBOX, true);
+        self.read_worker(k, READ_ON_EXIT, true);
         self.reclaim(k);
         let w = self.workers[k].take().expect("live worker");
         self.free_keys.push(k);
@@ -1407,6 +1502,7 @@ impl Primary {
             self.accept_paused_until = None;
         }
         let hb = self.cfg.heartbeat_timeout;
+        let ack_timeout = hb.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));
         for k in 0..self.workers.len() {
             let Some(w) = self.workers[k].as_mut() else {
                 continue;
@@ -1431,11 +1527,37 @@ impl Primary {
                     continue;
                 }
                 (WState::Dying, Some(d)) if d <= now && !w.sigkilled => {
+                    warn!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        "killing worker: {}",
+                        w.dying_reason
+                    );
                     w.sigkilled = true;
                     let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
                     continue;
                 }
                 _ => {}
+            }
+            if w.outbox_since
+                .is_some_and(|t| now.duration_since(t) >= OUTBOX_STALL)
+            {
+                self.kill_worker(k, "it does not read its channel");
+                continue;
+            }
+            // A live worker acknowledges within milliseconds; one that leaves a handoff
+            // unanswered this long is not reading its channel (it may still send heartbeats).
+            if matches!(w.state, WState::Online | WState::Draining)
+                && w.inflight
+                    .front()
+                    .is_some_and(|c| now.duration_since(c.sent_at) >= ack_timeout)
+            {
+                let why = format!(
+                    "it did not acknowledge a connection within {}s",
+                    ack_timeout.as_secs_f64()
+                );
+                self.kill_worker(k, &why);
+                continue;
             }
             if let (Some(timeout), WState::Online) = (hb, w.state) {
                 if now.duration_since(w.last_seen) >= timeout {
@@ -1447,8 +1569,9 @@ impl Primary {
                     );
                     w.state = WState::Dying;
                     w.chan = None;
-                    w.outbox.clear();
+                    w.clear_outbox();
                     w.deadline = Some(now + HUNG_KILL_GRACE);
+                    w.dying_reason = "it did not exit after SIGTERM";
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                     // SIGTERM does not reach a stopped process; make sure it can act on it.
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
