@@ -95,6 +95,10 @@ async fn main() -> anyhow::Result<ExitCode> {
         tokio::select! {
             result = &mut done => {
                 result?;
+                // The last exits may still be queued behind the end of the supervisor.
+                while let Ok(event) = events.try_recv() {
+                    on_event(&api, event, stopping);
+                }
                 println!("stopped");
                 return Ok(if gave_up { ExitCode::FAILURE } else { ExitCode::SUCCESS });
             }
