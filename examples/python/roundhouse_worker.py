@@ -77,7 +77,8 @@ EX_SOFTWARE = 70  # a malformed frame from the primary (same status as the Rust 
 # --- tunables -----------------------------------------------------------------------------------
 
 STATS_INTERVAL = 0.1
-HEARTBEAT_INTERVAL = 1.0
+# A quarter of the primary's --heartbeat-timeout, when it says so (docs/protocol.md section 1).
+HEARTBEAT_INTERVAL = max(0.01, int(os.environ.get("ROUNDHOUSE_HEARTBEAT_MS", "1000")) / 1000.0)
 IO_TIMEOUT = 30.0  # a started request, or a response write, must progress within this
 DRAIN_IDLE_WAIT = 1.0  # at drain, an idle connection gets this long to send one more request
 MAX_HEAD = 16 * 1024

@@ -9,16 +9,18 @@
 //! - [`Primary`]: a running `roundhouse run` with its own temp dir, control socket, captured log
 //!   and a kill-and-reap guard. Start it with [`Primary::start`] (extra `run` flags, default worker
 //!   command `hello-worker`) or [`Primary::builder`] when the test needs to choose the worker
-//!   command, listeners, environment, or write files into the temp dir before starting.
-//!   [`PrimaryBuilder::nofile_limit`] starts it under a low `RLIMIT_NOFILE`.
+//!   command, listeners, environment, or write files into the temp dir before starting;
+//!   [`PrimaryBuilder::start_program`] runs an embedding program (e.g. `examples/embed`) the
+//!   same way, and [`PrimaryBuilder::nofile_limit`] starts it under a low `RLIMIT_NOFILE`.
 //!   Then: [`Primary::wait_ready`], [`Primary::addr`], [`Primary::admin_addr`], [`Primary::stats`],
 //!   [`Primary::worker_pids`], [`Primary::wait_worker_online`], [`Primary::signal`],
 //!   [`Primary::wait_exit`], [`Primary::wait_for_log`] / [`Primary::wait_for_event`] /
 //!   [`Primary::wait_for_count`], [`Primary::client`] (a control command against this primary).
 //! - A tiny HTTP/1.1 client over `std::net::TcpStream`: [`get`], [`get_timeout`], [`request`]
 //!   (one request per connection, `Connection: close`) and [`HttpConn`] (several requests on one
-//!   keep-alive connection, or send and read separately). [`Response::worker_id`] reads the
-//!   `x-worker-id` header.
+//!   keep-alive connection, or send and read separately), [`KeepAliveClient`] (keep-alive that
+//!   retries like a browser: only a request whose reused connection closed before any response
+//!   byte). [`Response::worker_id`] reads the `x-worker-id` header.
 //! - [`Load`]: background client threads (connection-per-request or mixed keep-alive) that
 //!   record every success, failure and serving worker, for tests under load.
 //! - Process helpers reading `/proc`: [`pid_alive`], [`children_of`], [`descendants_of`],
@@ -517,13 +519,6 @@ impl PrimaryBuilder {
         self
     }
 
-    fn control_path(&self) -> PathBuf {
-        match self.flags.iter().position(|f| f == "--control") {
-            Some(i) if i + 1 < self.flags.len() => PathBuf::from(&self.flags[i + 1]),
-            _ => self.dir.join("ctl.sock"),
-        }
-    }
-
     /// The full argument list after the program name.
     pub fn run_args(&self) -> Vec<String> {
         let user_listen = self
@@ -559,10 +554,32 @@ impl PrimaryBuilder {
     /// Spawns the primary. Panics if it cannot be spawned at all.
     pub fn start(self) -> Primary {
         let args = self.run_args();
+        self.spawn(roundhouse_bin(), args)
+    }
+
+    /// Spawns `program ARGS` instead of `roundhouse run ...` — an embedding program such as
+    /// `examples/embed` — with everything else as for a primary: the temp dir as working
+    /// directory, environment and tag, captured stdout/stderr, the kill-and-reap guard. The
+    /// builder's `listen`, `workers`, `args` and `cmd` are not used; pass what the program needs
+    /// in `args` (e.g. `--control` with [`PrimaryBuilder::control_path`]).
+    pub fn start_program(self, program: &str, args: &[String]) -> Primary {
+        self.spawn(program, args.to_vec())
+    }
+
+    /// The control socket path the primary will get: `<dir>/ctl.sock` unless `--control` was
+    /// given in [`PrimaryBuilder::args`].
+    pub fn control_path(&self) -> PathBuf {
+        match self.flags.iter().position(|f| f == "--control") {
+            Some(i) if i + 1 < self.flags.len() => PathBuf::from(&self.flags[i + 1]),
+            _ => self.dir.join("ctl.sock"),
+        }
+    }
+
+    fn spawn(self, program: &str, args: Vec<String>) -> Primary {
         let control = self.control_path();
         let tag = unique("rh");
         let mut command = if self.stray_fds.is_empty() {
-            let mut c = Command::new(roundhouse_bin());
+            let mut c = Command::new(program);
             c.args(&args);
             c
         } else {
@@ -574,7 +591,7 @@ impl PrimaryBuilder {
             let mut c = Command::new("/bin/sh");
             c.arg("-c")
                 .arg(format!("exec {}; exec \"$0\" \"$@\"", opens.join(" ")))
-                .arg(roundhouse_bin())
+                .arg(program)
                 .args(&args);
             c
         };
@@ -609,11 +626,12 @@ impl PrimaryBuilder {
         }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("could not spawn {}: {e}", roundhouse_bin()));
+            .unwrap_or_else(|e| panic!("could not spawn {program}: {e}"));
         let log = Log::default();
         log.spawn_reader(child.stderr.take().unwrap(), "");
         log.spawn_reader(child.stdout.take().unwrap(), "stdout| ");
         Primary {
+            program: program.to_string(),
             pid: child.id() as i32,
             child,
             dir: self.dir,
@@ -635,6 +653,7 @@ impl Default for PrimaryBuilder {
 
 /// A running `roundhouse run`, killed and reaped (with every worker it logged) on drop.
 pub struct Primary {
+    program: String,
     child: Child,
     pid: i32,
     dir: TempDir,
@@ -691,7 +710,7 @@ impl Primary {
         } else {
             format!(" (started with stray inherited fds {:?})", self.stray_fds)
         };
-        format!("{} {}{stray}", roundhouse_bin(), self.argv.join(" "))
+        format!("{} {}{stray}", self.program, self.argv.join(" "))
     }
 
     /// The whole captured log (stderr; stdout lines prefixed `stdout| `).
@@ -1229,6 +1248,106 @@ impl HttpConn {
     /// `GET path` on this (keep-alive) connection.
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
         self.request("GET", path, &[], &[])
+    }
+
+    /// Reads one response, or `Ok(None)` if the server closed the connection (end-of-file or
+    /// reset) before sending a single byte of it — the one case in which browsers and urllib3
+    /// send an idempotent request again on a new connection. Closed after some bytes is an error.
+    pub fn read_response_or_closed(&mut self) -> io::Result<Option<Response>> {
+        loop {
+            match self.reader.fill_buf() {
+                Ok([]) => return Ok(None),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if closed_by_peer(&e) => return Ok(None),
+                Err(e) => return Err(self.explain(e)),
+            }
+        }
+        self.read_response().map(Some)
+    }
+}
+
+/// Errors that mean the peer closed the connection (`EPIPE`, `ECONNRESET`, `ECONNABORTED`).
+fn closed_by_peer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// A keep-alive HTTP client with the retry rule of browsers and urllib3: a request sent on a
+/// *reused* connection that the server closed before any byte of the response arrived (it had
+/// gone idle and was closed as the request crossed) is sent once more on a new connection.
+/// Anything else — a fresh connection closed without a response, a response cut short, a
+/// timeout — is returned as an error. A response with `Connection: close` ends the connection;
+/// the next request opens a new one.
+pub struct KeepAliveClient {
+    addr: SocketAddr,
+    timeout: Duration,
+    conn: Option<HttpConn>,
+    /// Connections opened so far.
+    pub connections: u64,
+    /// Requests sent again under the rule above.
+    pub retries: u64,
+}
+
+impl KeepAliveClient {
+    pub fn new(addr: SocketAddr) -> KeepAliveClient {
+        KeepAliveClient::with_timeout(addr, HTTP_TIMEOUT)
+    }
+
+    pub fn with_timeout(addr: SocketAddr, timeout: Duration) -> KeepAliveClient {
+        KeepAliveClient {
+            addr,
+            timeout,
+            conn: None,
+            connections: 0,
+            retries: 0,
+        }
+    }
+
+    /// `GET path`, on the open connection if there is one.
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        loop {
+            let reused = self.conn.is_some();
+            let mut c = match self.conn.take() {
+                Some(c) => c,
+                None => {
+                    self.connections += 1;
+                    HttpConn::connect_timeout(self.addr, self.timeout)?
+                }
+            };
+            let got = match c.send("GET", path, &[], &[]) {
+                Ok(()) => c.read_response_or_closed(),
+                Err(e) if closed_by_peer(&e) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match got? {
+                Some(r) => {
+                    let close = r
+                        .header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                    if !close {
+                        self.conn = Some(c);
+                    }
+                    return Ok(r);
+                }
+                None if reused => self.retries += 1,
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "a new connection was closed without a response",
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Closes the open connection, if any.
+    pub fn close(&mut self) {
+        self.conn = None;
     }
 }
 

@@ -304,6 +304,9 @@ pub fn decode_primary_frame(buf: &[u8], fds: usize) -> Result<PrimaryFrame<'_>, 
         kind::DRAIN => {
             exact(k, body, 0)?;
             no_fds(k, fds)?;
+            if arg != 0 {
+                return Err(FrameError::Reserved);
+            }
             Ok(PrimaryFrame::Drain)
         }
         kind::MESSAGE_TO_WORKER => {
@@ -357,6 +360,9 @@ pub fn decode_worker_frame(buf: &[u8], fds: usize) -> Result<WorkerFrame<'_>, Fr
         }
         kind::HEARTBEAT => {
             exact(k, body, 0)?;
+            if arg != 0 {
+                return Err(FrameError::Reserved);
+            }
             Ok(WorkerFrame::Heartbeat)
         }
         kind::MESSAGE_FROM_WORKER => {

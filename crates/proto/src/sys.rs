@@ -186,6 +186,20 @@ pub fn recv_frame(
     })
 }
 
+/// Clears `O_NONBLOCK` on `fd` (for the worker's end of a channel).
+pub fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own has no memory-safety requirements.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Clears `FD_CLOEXEC` on `fd`. Only for use in a freshly forked child before `exec`.
 pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
     // SAFETY: fcntl on an integer fd has no memory-safety requirements.

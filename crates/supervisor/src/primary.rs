@@ -50,8 +50,15 @@ pub(crate) const WINDOW: usize = 128;
 /// Connections the primary holds while no worker can take them; past this it stops accepting
 /// and the kernel backlog holds the rest.
 pub(crate) const MAX_HELD: usize = 1024;
-/// Frames queued for a worker that does not read its channel before it is killed as hung.
-pub(crate) const MAX_OUTBOX: usize = 1024;
+/// Bytes of messages queued for a worker that reads its channel slower than they come; past
+/// this, new messages for it are dropped (with one warning per episode) instead of growing the
+/// primary's memory.
+pub(crate) const MAX_OUTBOX_BYTES: usize = 1 << 20;
+/// A worker whose queued frames make no progress for this long does not read its channel: it is
+/// killed.
+const OUTBOX_STALL: Duration = Duration::from_secs(10);
+/// Frames read from a worker that has just exited (its last words).
+const READ_ON_EXIT: usize = 1024;
 /// Connections accepted per listener per wake-up, so acks and exits are not starved.
 const ACCEPT_BURST: usize = 256;
 /// Frames read from one worker per wake-up.
@@ -132,7 +139,13 @@ struct Worker {
     batch: Vec<Conn>,
     write_blocked: bool,
     skip_until: Option<Instant>,
+    /// Frames (Node: byte runs) waiting for the channel to become writable.
     outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+    /// Last time the outbox made progress while not empty (None when empty).
+    outbox_since: Option<Instant>,
+    /// Messages for this worker are being dropped (its outbox is over budget).
+    dropping_messages: bool,
     /// Connections this worker acknowledged (handoff policies).
     acked: u64,
     /// Last cumulative counters the worker reported.
@@ -142,12 +155,28 @@ struct Worker {
     /// Ready deadline (Starting), grace deadline (Draining), SIGKILL deadline (Dying).
     deadline: Option<Instant>,
     sigkilled: bool,
+    /// `least-conn` heap bookkeeping: position, load and last-pick stamp.
+    lc_pos: usize,
+    lc_load: u64,
+    lc_seq: u64,
     /// Why a `Dying` worker that has not been SIGKILLed yet will be at its deadline.
     dying_reason: &'static str,
     recycle_at: Option<u64>,
 }
 
 impl Worker {
+    fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.outbox_since = None;
+    }
+    fn queue(&mut self, f: Vec<u8>) {
+        if self.outbox.is_empty() {
+            self.outbox_since = Some(Instant::now());
+        }
+        self.outbox_bytes += f.len();
+        self.outbox.push_back(f);
+    }
     fn active(&self, policy: Policy) -> u64 {
         let opened = if policy.hands_off() {
             self.acked
@@ -196,7 +225,8 @@ struct Reload {
     /// (slot id, new worker key) being brought online.
     step: Option<(u32, usize)>,
     replies: Vec<oneshot::Sender<Result<(), String>>>,
-    notify_systemd: bool,
+    /// A whole reload (SIGHUP / `roundhouse reload`: systemd is told), not a one-slot recycle.
+    full: bool,
 }
 
 enum Phase {
@@ -245,6 +275,10 @@ pub(crate) struct Primary {
     /// Online workers in slot order: the rotation.
     rotation: Vec<usize>,
     rr_cursor: usize,
+    /// `least-conn`: indexed min-heap of the rotation's workers, and its search scratch.
+    lc_heap: Vec<usize>,
+    lc_search: std::collections::BinaryHeap<std::cmp::Reverse<((u64, u64), usize)>>,
+    lc_seq: u64,
     held: VecDeque<Conn>,
     next_conn_id: u64,
     dirty: Vec<usize>,
@@ -258,6 +292,7 @@ pub(crate) struct Primary {
     phase: Phase,
     reload: Option<Reload>,
     announced_ready: bool,
+    last_drop_warning: Option<Instant>,
     any_online_ever: bool,
     fatal: Option<RunError>,
     scratch: Vec<u8>,
@@ -313,6 +348,9 @@ impl Primary {
             free_keys: Vec::new(),
             rotation: Vec::new(),
             rr_cursor: 0,
+            lc_heap: Vec::new(),
+            lc_search: std::collections::BinaryHeap::new(),
+            lc_seq: 0,
             held: VecDeque::with_capacity(MAX_HELD),
             next_conn_id: 1,
             dirty: Vec::with_capacity(64),
@@ -326,6 +364,7 @@ impl Primary {
             phase: Phase::Running,
             reload: None,
             announced_ready: false,
+            last_drop_warning: None,
             any_online_ever: false,
             fatal: None,
             scratch: Vec::with_capacity(MAX_FRAME),
@@ -455,9 +494,15 @@ impl Primary {
                         peer,
                         sent_at: now,
                     });
-                    self.accept_error_logged = false;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The backlog drained without running out of fds: the episode is over.
+                    if self.accept_error_logged {
+                        info!(listener.addr = %self.addrs[i], "accepting again: fds available");
+                        self.accept_error_logged = false;
+                    }
+                    break;
+                }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         if !self.accept_error_logged {
@@ -494,8 +539,14 @@ impl Primary {
                     self.dirty.push(k);
                 }
                 w.batch.push(conn);
-                if w.batch.len() == CONNS_MAX || w.node.is_some() {
-                    self.flush(k);
+                if self.cfg.policy == Policy::LeastConn {
+                    self.lc_seq += 1;
+                    w.lc_seq = self.lc_seq;
+                    self.lc_update(k);
+                }
+                let w = self.workers[k].as_mut().expect("picked a live worker");
+                if (w.batch.len() == CONNS_MAX || w.node.is_some()) && self.flush(k) {
+                    self.lc_update(k);
                 }
                 if self.held.is_empty() {
                     break;
@@ -503,7 +554,10 @@ impl Primary {
             }
             let mut requeued = false;
             while let Some(k) = self.dirty.pop() {
-                requeued |= self.flush(k);
+                if self.flush(k) {
+                    requeued = true;
+                    self.lc_update(k);
+                }
             }
             if !requeued {
                 return;
@@ -515,27 +569,7 @@ impl Primary {
     fn pick(&mut self, now: Instant) -> Option<usize> {
         let n = self.rotation.len();
         match self.cfg.policy {
-            Policy::LeastConn => {
-                // O(online workers) per connection. With the window bound and batching this is
-                // cheap for realistic counts (tens of workers); see docs/lifecycle.md.
-                let policy = self.cfg.policy;
-                let mut best: Option<(u64, usize)> = None;
-                for j in 0..n {
-                    let idx = (self.rr_cursor + j) % n;
-                    let k = self.rotation[idx];
-                    let w = self.workers[k].as_ref()?;
-                    if !w.eligible(now) {
-                        continue;
-                    }
-                    let load = w.active(policy) + (w.inflight.len() + w.batch.len()) as u64;
-                    if best.is_none_or(|(b, _)| load < b) {
-                        best = Some((load, idx));
-                    }
-                }
-                let (_, idx) = best?;
-                self.rr_cursor = (idx + 1) % n;
-                Some(self.rotation[idx])
-            }
+            Policy::LeastConn => self.lc_pick(now),
             _ => {
                 for j in 0..n {
                     let idx = (self.rr_cursor + j) % n;
@@ -631,7 +665,7 @@ impl Primary {
                         Ok(n) => {
                             if n < self.scratch.len() {
                                 // The fd went with the first bytes; the rest follows alone.
-                                w.outbox.push_back(self.scratch[n..].to_vec());
+                                w.queue(self.scratch[n..].to_vec());
                                 w.write_blocked = true;
                             }
                             true
@@ -831,10 +865,17 @@ impl Primary {
                 drop(conn); // the worker has its copy: close ours so its close() sends FIN
             }
         }
+        self.lc_update(k);
         Ok(())
     }
 
     fn on_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
+        let result = self.apply_stats(k, s);
+        self.lc_update(k);
+        result
+    }
+
+    fn apply_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
         let policy = self.cfg.policy;
         let w = self.workers[k].as_mut().expect("live worker");
         let slot_idx = (w.slot - 1) as usize;
@@ -848,7 +889,8 @@ impl Primary {
         if !policy.hands_off() {
             c.connections_total += s.accepted - prev.accepted;
         }
-        if let (Some(limit), WState::Online) = (w.recycle_at, w.state) {
+        // Recycle once past --max-requests; if a reload is running, retry at the next STATS.
+        if let (Some(limit), WState::Online, None) = (w.recycle_at, w.state, &self.reload) {
             if s.requests >= limit {
                 w.recycle_at = None;
                 info!(
@@ -875,8 +917,11 @@ impl Primary {
         }
         match to {
             Recipient::Primary => {
-                let text = String::from_utf8_lossy(json);
-                info!(worker.id = from, message = %text, "message from worker");
+                const LOGGED: usize = 1024;
+                let text = String::from_utf8_lossy(&json[..json.len().min(LOGGED)]);
+                let more = if json.len() > LOGGED { "…" } else { "" };
+                let text = format!("{text}{more}");
+                info!(worker.id = from, json = %text, "message from worker");
                 if let Ok(value) = serde_json::from_slice(json) {
                     let _ = self.events.send(Event::Message {
                         from,
@@ -886,11 +931,19 @@ impl Primary {
             }
             Recipient::Worker(id) => {
                 if !self.message_slot(id, from, json) {
-                    warn!(
-                        worker.id = from,
-                        to = id,
-                        "message to unknown worker dropped"
-                    );
+                    // Once a second at most: a flooding worker must not flood the log too.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_warning
+                        .is_none_or(|t| now - t >= Duration::from_secs(1))
+                    {
+                        self.last_drop_warning = Some(now);
+                        warn!(
+                            worker.id = from,
+                            to = id,
+                            "message to unknown (or restarting) worker dropped"
+                        );
+                    }
                 }
             }
             Recipient::All => {
@@ -925,6 +978,7 @@ impl Primary {
         if w.chan.is_none() {
             return;
         }
+        let is_message = matches!(c, Control::Message { .. });
         let mut f = Vec::new();
         if w.node.is_some() {
             match c {
@@ -962,11 +1016,18 @@ impl Primary {
                 }
             }
         }
-        if w.outbox.len() >= MAX_OUTBOX {
-            self.kill_worker(k, "it does not read its channel");
+        if is_message && w.outbox_bytes + f.len() > MAX_OUTBOX_BYTES {
+            if !w.dropping_messages {
+                warn!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    "worker reads its channel slower than messages arrive: dropping messages for it until it catches up"
+                );
+                w.dropping_messages = true;
+            }
             return;
         }
-        w.outbox.push_back(f);
+        w.queue(f);
     }
 
     fn on_writable(&mut self, k: usize) {
@@ -978,18 +1039,24 @@ impl Primary {
             match chan.try_io(Interest::WRITABLE, |fd| sys::send_frame(fd.as_fd(), f, &[])) {
                 Ok(n) if n < f.len() => {
                     f.drain(..n);
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
-                Ok(_) => {
+                Ok(n) => {
                     w.outbox.pop_front();
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
-                    w.outbox.clear();
+                    w.clear_outbox();
                     break;
                 }
             }
         }
         w.write_blocked = false;
+        w.outbox_since = None;
+        w.dropping_messages = false;
         self.dispatch();
     }
 
@@ -1037,7 +1104,12 @@ impl Primary {
         } else {
             sys::seqpacket_pair()
         };
-        let (primary_end, child_end) = match pair {
+        let (primary_end, child_end) = match pair.and_then(|(p, c)| {
+            // The worker's end is its own open file description: make it blocking, as an
+            // inherited fd normally is (protocol.md section 2); the primary's stays non-blocking.
+            sys::set_blocking(&c)?;
+            Ok((p, c))
+        }) {
             Ok(p) => p,
             Err(e) => {
                 error!(worker.id = id, "could not create a channel: {e}");
@@ -1054,9 +1126,19 @@ impl Primary {
             listeners.iter().map(|l| l.as_fd()).collect();
         fds.push(child_end.as_fd());
         let channel_fd = 3 + listeners.len();
+        // Heartbeats at a quarter of the timeout (at most every 100 ms, at least every second),
+        // so a healthy worker is never declared hung whatever --heartbeat-timeout is.
+        let heartbeat_ms = self
+            .cfg
+            .heartbeat_timeout
+            .map_or(1000, |t| (t.as_millis() / 4).clamp(100, 1000));
         let mut env: Vec<(OsString, OsString)> = vec![
             ("ROUNDHOUSE_WORKER_ID".into(), id.to_string().into()),
             ("ROUNDHOUSE_POLICY".into(), self.cfg.policy.as_str().into()),
+            (
+                "ROUNDHOUSE_HEARTBEAT_MS".into(),
+                heartbeat_ms.to_string().into(),
+            ),
         ];
         if self.cfg.node {
             env.extend(crate::node::worker_env(
@@ -1133,12 +1215,18 @@ impl Primary {
             write_blocked: false,
             skip_until: None,
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            outbox_since: None,
+            dropping_messages: false,
             acked: 0,
             reported: WireStats::default(),
             online_at: None,
             last_seen: now,
             deadline: Some(now + self.cfg.ready_timeout),
             sigkilled: false,
+            lc_pos: usize::MAX,
+            lc_load: 0,
+            lc_seq: 0,
             dying_reason: "",
             recycle_at,
         };
@@ -1210,6 +1298,130 @@ impl Primary {
         if self.rr_cursor >= self.rotation.len() {
             self.rr_cursor = 0;
         }
+        self.lc_rebuild();
+    }
+
+    // ----- least-conn: an indexed min-heap of online workers -----------------------------
+    //
+    // Keyed by (open + unacknowledged connections, time of last pick): the least loaded worker
+    // first, and among equals the one picked longest ago (the rotation). Picking and every load
+    // change cost O(log workers) and allocate nothing once the heap has grown; a worker that is
+    // not eligible right now (full window, full channel) is stepped over by a best-first walk.
+
+    fn lc_key(&self, k: usize) -> (u64, u64) {
+        // A worker reaped since the last rebuild sorts last (and is not eligible).
+        self.workers[k]
+            .as_ref()
+            .map_or((u64::MAX, u64::MAX), |w| (w.lc_load, w.lc_seq))
+    }
+
+    fn lc_load_of(&self, k: usize) -> u64 {
+        let w = self.workers[k].as_ref().expect("live worker");
+        w.active(self.cfg.policy) + (w.inflight.len() + w.batch.len()) as u64
+    }
+
+    fn lc_swap(&mut self, i: usize, j: usize) {
+        self.lc_heap.swap(i, j);
+        for at in [i, j] {
+            let k = self.lc_heap[at];
+            if let Some(w) = self.workers[k].as_mut() {
+                w.lc_pos = at;
+            }
+        }
+    }
+
+    fn lc_sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.lc_key(self.lc_heap[i]) >= self.lc_key(self.lc_heap[parent]) {
+                break;
+            }
+            self.lc_swap(i, parent);
+            i = parent;
+        }
+    }
+
+    fn lc_sift_down(&mut self, mut i: usize) {
+        let n = self.lc_heap.len();
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < n && self.lc_key(self.lc_heap[l]) < self.lc_key(self.lc_heap[least]) {
+                least = l;
+            }
+            if r < n && self.lc_key(self.lc_heap[r]) < self.lc_key(self.lc_heap[least]) {
+                least = r;
+            }
+            if least == i {
+                return;
+            }
+            self.lc_swap(i, least);
+            i = least;
+        }
+    }
+
+    /// Re-keys worker `k` after its load changed (no-op for other policies).
+    fn lc_update(&mut self, k: usize) {
+        if self.cfg.policy != Policy::LeastConn {
+            return;
+        }
+        let Some(pos) = self.workers[k].as_ref().map(|w| w.lc_pos) else {
+            return;
+        };
+        if pos >= self.lc_heap.len() || self.lc_heap[pos] != k {
+            return;
+        }
+        let load = self.lc_load_of(k);
+        self.workers[k].as_mut().expect("live").lc_load = load;
+        self.lc_sift_up(pos);
+        let pos = self.workers[k].as_ref().expect("live").lc_pos;
+        self.lc_sift_down(pos);
+    }
+
+    fn lc_rebuild(&mut self) {
+        if self.cfg.policy != Policy::LeastConn {
+            return;
+        }
+        self.lc_heap.clear();
+        for i in 0..self.rotation.len() {
+            let k = self.rotation[i];
+            let load = self.lc_load_of(k);
+            let w = self.workers[k]
+                .as_mut()
+                .expect("rotation holds live workers");
+            w.lc_load = load;
+            w.lc_pos = self.lc_heap.len();
+            self.lc_heap.push(k);
+        }
+        for i in (0..self.lc_heap.len() / 2).rev() {
+            self.lc_sift_down(i);
+        }
+    }
+
+    /// The eligible worker with the smallest key: best-first from the root, so ineligible
+    /// workers near the top are stepped over without visiting the rest.
+    fn lc_pick(&mut self, now: Instant) -> Option<usize> {
+        use std::cmp::Reverse;
+        let mut search = std::mem::take(&mut self.lc_search);
+        search.clear();
+        if !self.lc_heap.is_empty() {
+            search.push(Reverse((self.lc_key(self.lc_heap[0]), 0)));
+        }
+        let mut found = None;
+        while let Some(Reverse((_, i))) = search.pop() {
+            let k = self.lc_heap[i];
+            if self.workers[k].as_ref().is_some_and(|w| w.eligible(now)) {
+                found = Some(k);
+                break;
+            }
+            for c in [2 * i + 1, 2 * i + 2] {
+                if c < self.lc_heap.len() {
+                    search.push(Reverse((self.lc_key(self.lc_heap[c]), c)));
+                }
+            }
+        }
+        self.lc_search = search;
+        found
     }
 
     /// Takes back every connection a worker has not acknowledged, oldest first.
@@ -1264,7 +1476,7 @@ impl Primary {
         w.sigkilled = true;
         w.state = WState::Dying;
         w.chan = None;
-        w.outbox.clear();
+        w.clear_outbox();
         w.write_blocked = false;
         self.reclaim(k);
         self.rebuild_rotation();
@@ -1300,7 +1512,7 @@ impl Primary {
             // longer acknowledge them) and give it a moment to be reaped before SIGKILL.
             _ => {
                 w.state = WState::Dying;
-                w.outbox.clear();
+                w.clear_outbox();
                 w.deadline = Some(Instant::now() + CHANNEL_CLOSED_GRACE);
                 w.dying_reason = "it closed its channel but kept running";
                 self.reclaim(k);
@@ -1335,7 +1547,7 @@ impl Primary {
         }
         // Read what it wrote before it exited (its final STATS, late acks), so the books are
         // right: a worker that closed every connection has lost none.
-        self.read_worker(k, MAX_OUTBOX, true);
+        self.read_worker(k, READ_ON_EXIT, true);
         self.reclaim(k);
         let w = self.workers[k].take().expect("live worker");
         self.free_keys.push(k);
@@ -1483,6 +1695,12 @@ impl Primary {
                 }
                 _ => {}
             }
+            if w.outbox_since
+                .is_some_and(|t| now.duration_since(t) >= OUTBOX_STALL)
+            {
+                self.kill_worker(k, "it does not read its channel");
+                continue;
+            }
             // A live worker acknowledges within milliseconds; one that leaves a handoff
             // unanswered this long is not reading its channel (it may still send heartbeats).
             if matches!(w.state, WState::Online | WState::Draining)
@@ -1507,7 +1725,7 @@ impl Primary {
                     );
                     w.state = WState::Dying;
                     w.chan = None;
-                    w.outbox.clear();
+                    w.clear_outbox();
                     w.deadline = Some(now + HUNG_KILL_GRACE);
                     w.dying_reason = "it did not exit after SIGTERM";
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
@@ -1522,6 +1740,23 @@ impl Primary {
             if *deadline <= now {
                 warn!("grace period over: killing the workers that are left");
                 self.kill_all();
+            }
+        }
+        // A worker that passed --max-requests while another slot was recycling (and has been
+        // quiet since, so no STATS brings it up again).
+        if self.reload.is_none() {
+            let due = self.workers.iter().flatten().find(|w| {
+                w.state == WState::Online
+                    && w.role == Role::Current
+                    && w.recycle_at.is_some_and(|n| w.reported.requests >= n)
+            });
+            if let Some(w) = due {
+                let idx = (w.slot - 1) as usize;
+                let k = self.slots[idx].current;
+                if let Some(w) = k.and_then(|k| self.workers[k].as_mut()) {
+                    w.recycle_at = None;
+                }
+                self.recycle(idx);
             }
         }
         self.run_due_restarts();
@@ -1660,7 +1895,19 @@ impl Primary {
             return;
         }
         if let Some(r) = &mut self.reload {
-            // One reload at a time; a second request waits for the running one.
+            if !r.full {
+                // A --max-requests recycle is running: make it a full reload of every slot.
+                info!("reloading workers one by one (after the running recycle)");
+                notify::reloading();
+                r.full = true;
+                let stepping = r.step.map(|(id, _)| id);
+                for s in self.slots.iter().filter(|s| s.wanted) {
+                    if Some(s.id) != stepping && !r.queue.contains(&s.id) {
+                        r.queue.push_back(s.id);
+                    }
+                }
+            }
+            // Otherwise one reload at a time: this request is answered when it finishes.
             r.replies.push(reply);
             return;
         }
@@ -1676,7 +1923,7 @@ impl Primary {
             queue,
             step: None,
             replies: vec![reply],
-            notify_systemd: true,
+            full: true,
         });
         self.advance_reload();
     }
@@ -1690,7 +1937,7 @@ impl Primary {
             queue: VecDeque::from([self.slots[idx].id]),
             step: None,
             replies: Vec::new(),
-            notify_systemd: false,
+            full: false,
         });
         self.advance_reload();
     }
@@ -1742,11 +1989,11 @@ impl Primary {
             }
         }
         match &result {
-            Ok(()) if r.notify_systemd => info!("reload complete"),
+            Ok(()) if r.full => info!("reload complete"),
             Ok(()) => {}
             Err(e) => error!("{e}"),
         }
-        if r.notify_systemd {
+        if r.full {
             notify::notify("READY=1");
         }
         for reply in r.replies {
