@@ -11,7 +11,8 @@
 //!   command `hello-worker`) or [`Primary::builder`] when the test needs to choose the worker
 //!   command, listeners, environment, or write files into the temp dir before starting;
 //!   [`PrimaryBuilder::start_program`] runs an embedding program (e.g. `examples/embed`) the
-//!   same way. Then: [`Primary::wait_ready`], [`Primary::addr`], [`Primary::admin_addr`],
+//!   same way, and [`PrimaryBuilder::nofile_limit`] starts it under a low `RLIMIT_NOFILE`.
+//!   Then: [`Primary::wait_ready`], [`Primary::addr`], [`Primary::admin_addr`], [`Primary::stats`],
 //!   [`Primary::worker_pids`], [`Primary::wait_worker_online`], [`Primary::signal`],
 //!   [`Primary::wait_exit`], [`Primary::wait_for_log`] / [`Primary::wait_for_event`] /
 //!   [`Primary::wait_for_count`], [`Primary::client`] (a control command against this primary).
@@ -20,8 +21,11 @@
 //!   keep-alive connection, or send and read separately), [`KeepAliveClient`] (keep-alive that
 //!   retries like a browser: only a request whose reused connection closed before any response
 //!   byte). [`Response::worker_id`] reads the `x-worker-id` header.
+//! - [`Load`]: background client threads (connection-per-request or mixed keep-alive) that
+//!   record every success, failure and serving worker, for tests under load.
 //! - Process helpers reading `/proc`: [`pid_alive`], [`children_of`], [`descendants_of`],
-//!   [`fd_targets`], [`environ_of`], [`processes_tagged`], and [`wait_until`] (poll with a
+//!   [`fd_targets`], [`environ_of`], [`processes_tagged`], [`proc_rss_kib`], [`proc_cpu_time`],
+//!   and [`wait_until`] (poll with a
 //!   deadline — the only way tests synchronise; never a fixed sleep).
 //! - [`server_side_socket`] (an exact `sock_diag` lookup) to know, without sleeping, whether a
 //!   request has been read by a worker (`rx_queue == 0`) or which process holds a connection
@@ -435,6 +439,7 @@ pub struct PrimaryBuilder {
     env: Vec<(String, String)>,
     rust_log: String,
     stray_fds: Vec<i32>,
+    nofile: Option<u64>,
 }
 
 impl PrimaryBuilder {
@@ -448,6 +453,7 @@ impl PrimaryBuilder {
             env: Vec::new(),
             rust_log: "info".to_string(),
             stray_fds: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -502,6 +508,14 @@ impl PrimaryBuilder {
             "stray fd {fd}: /bin/sh (dash) redirects only 0-9"
         );
         self.stray_fds.push(fd);
+        self
+    }
+
+    /// Starts the primary with `RLIMIT_NOFILE` soft = hard = `n` (set in the child before
+    /// `exec`), so its workers inherit it too. The hard limit is what matters: the primary raises
+    /// its soft limit to the hard one at start.
+    pub fn nofile_limit(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
         self
     }
 
@@ -592,6 +606,23 @@ impl PrimaryBuilder {
             .stderr(Stdio::piped());
         for (k, v) in &self.env {
             command.env(k, v);
+        }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+            // touches no memory of the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         let mut child = command
             .spawn()
@@ -805,6 +836,13 @@ impl Primary {
             l.contains("admin listening") && l.field("admin.addr").is_some()
         });
         parse_addr(&line, "admin.addr")
+    }
+
+    /// `GET /stats` on the admin endpoint (needs `--admin`), parsed; panics if it fails.
+    pub fn stats(&self) -> serde_json::Value {
+        let r = get(self.admin_addr(), "/stats").expect("GET /stats");
+        assert_eq!(r.status, 200, "GET /stats: {r:?}");
+        r.json()
     }
 
     /// Worker id → pid, from the `worker online` lines so far (the latest line per id).
@@ -1446,6 +1484,26 @@ pub fn proc_stat(pid: i32) -> Option<(char, i32)> {
     Some((state, ppid))
 }
 
+/// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn proc_rss_kib(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user + system, all threads) `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn proc_cpu_time(pid: i32) -> Option<Duration> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state(0) ppid(1) ... utime(11) stime(12), in clock ticks.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety requirements.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+}
+
 /// True if `pid` exists and is not a zombie (a dead, unreaped process counts as dead).
 pub fn pid_alive(pid: i32) -> bool {
     matches!(proc_stat(pid), Some((s, _)) if s != 'Z' && s != 'X')
@@ -1726,4 +1784,147 @@ pub fn pid_holds_socket(pid: i32, inode: u64) -> bool {
 /// True if `[::1]` can be bound on this machine.
 pub fn ipv6_available() -> bool {
     TcpListener::bind("[::1]:0").is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background load
+// ---------------------------------------------------------------------------------------------
+
+/// How each [`Load`] client thread talks to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// A new connection per request (`Connection: close`).
+    PerRequest,
+    /// Even-numbered threads keep one connection alive across requests (reconnecting after a
+    /// failure or a `Connection: close`), odd ones connect per request.
+    Mixed,
+}
+
+/// What a [`Load`] saw: successes, every failure with its reason, and who served.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    pub ok: usize,
+    /// `"client N after 1.234s: reason"`, in the order they happened per thread.
+    pub failures: Vec<String>,
+    /// `(x-worker-id, pid from a /whoami body or 0)` → responses.
+    pub served: BTreeMap<(u32, i32), usize>,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    /// Responses from worker `id` whose pid is `pid`.
+    pub fn served_by(&self, id: u32, pid: i32) -> usize {
+        self.served.get(&(id, pid)).copied().unwrap_or(0)
+    }
+    /// Responses from worker `id`, any pid.
+    pub fn served_by_id(&self, id: u32) -> usize {
+        self.served
+            .iter()
+            .filter(|((i, _), _)| *i == id)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Background HTTP load: `threads` clients asking `GET path` in a loop until [`Load::finish`];
+/// a response other than 200, or any I/O error, is a failure (recorded with its reason). With
+/// `path` `/whoami` the serving pid is recorded too.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    report: Arc<Mutex<LoadReport>>,
+    threads: Vec<thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, threads: usize, path: &str, mode: LoadMode) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let started = Instant::now();
+        let threads = (0..threads)
+            .map(|i| {
+                let (stop, report, path) = (stop.clone(), report.clone(), path.to_string());
+                let keep_alive = mode == LoadMode::Mixed && i % 2 == 0;
+                thread::spawn(move || {
+                    let mut conn: Option<HttpConn> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = if keep_alive {
+                            let c = match conn.take() {
+                                Some(c) => Ok(c),
+                                None => HttpConn::connect(addr),
+                            };
+                            c.and_then(|mut c| {
+                                let r = c.get(&path)?;
+                                let close = r
+                                    .header("connection")
+                                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                                if !close {
+                                    conn = Some(c);
+                                }
+                                Ok(r)
+                            })
+                        } else {
+                            get(addr, &path)
+                        };
+                        let mut rep = report.lock().unwrap();
+                        match r {
+                            Ok(r) if r.status == 200 => {
+                                rep.ok += 1;
+                                let id = r.worker_id().unwrap_or(0);
+                                let pid = serde_json::from_slice::<serde_json::Value>(&r.body)
+                                    .ok()
+                                    .and_then(|v| v["pid"].as_i64())
+                                    .unwrap_or(0) as i32;
+                                *rep.served.entry((id, pid)).or_default() += 1;
+                            }
+                            other => {
+                                let what = match other {
+                                    Ok(r) => format!("status {} {:?}", r.status, r.text()),
+                                    Err(e) => e.to_string(),
+                                };
+                                let at = started.elapsed().as_secs_f64();
+                                rep.failures
+                                    .push(format!("client {i} after {at:.3}s: {what}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            report,
+            threads,
+            started,
+        }
+    }
+
+    /// A copy of what the load has seen so far.
+    pub fn snapshot(&self) -> LoadReport {
+        let mut r = self.report.lock().unwrap().clone();
+        r.elapsed = self.started.elapsed();
+        r
+    }
+
+    /// Polls until `f` holds for the report so far; false after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, f: impl Fn(&LoadReport) -> bool) -> bool {
+        wait_until(timeout, POLL, || f(&self.report.lock().unwrap()))
+    }
+
+    /// Waits until `n` more requests than now have succeeded; false after `timeout`.
+    pub fn wait_ok(&self, n: usize, timeout: Duration) -> bool {
+        let target = self.report.lock().unwrap().ok + n;
+        self.wait_for(timeout, |r| r.ok >= target)
+    }
+
+    /// Stops the clients (each finishes its current request) and returns the report.
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load thread panicked");
+        }
+        let mut r = self.report.lock().unwrap().clone();
+        r.elapsed = self.started.elapsed();
+        r
+    }
 }
