@@ -1261,11 +1261,16 @@ impl Primary {
         let idx = (id - 1) as usize;
         self.slots[idx].was_online = true;
         if role == Role::Replacement {
-            // A reload/recycle step: the new worker takes the slot, the old one drains.
-            let old = self.slots[idx].current.replace(k);
-            self.workers[k].as_mut().expect("live").role = Role::Current;
-            if let Some(old) = old.filter(|&o| o != k) {
-                self.drain_worker(old);
+            // A reload/recycle step: the new worker takes the slot, the old one drains — unless
+            // the slot was scaled away meanwhile: then the newcomer goes too.
+            if self.slots[idx].wanted {
+                let old = self.slots[idx].current.replace(k);
+                self.workers[k].as_mut().expect("live").role = Role::Current;
+                if let Some(old) = old.filter(|&o| o != k) {
+                    self.drain_worker(old);
+                }
+            } else {
+                self.drain_worker(k);
             }
             if let Some(r) = &mut self.reload {
                 if r.step.map(|(_, nk)| nk) == Some(k) {
