@@ -570,12 +570,14 @@ fn workers_inherit_only_stdio_and_the_channel() {
     let mut problems = Vec::new();
     let mut all_worker_fds = BTreeMap::new();
     for (id, pid) in &started {
-        // Wait until the pid runs the shell (not a pre-exec copy of the primary).
+        // Wait until the pid is the shell *running its loop* (it has started a `sleep`): not a
+        // pre-exec copy of the primary, nor a shell whose dynamic loader still holds libc open.
         assert!(
-            wait_until(secs(5), POLL, || std::fs::read_to_string(format!(
-                "/proc/{pid}/cmdline"
-            ))
-            .is_ok_and(|c| c.starts_with("/bin/sh\0-c\0"))),
+            wait_until(secs(5), POLL, || {
+                std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.starts_with("/bin/sh\0-c\0"))
+                    && !children_of(*pid).is_empty()
+            }),
             "worker {id} (pid {pid}) is not running the gated shell"
         );
         let channel: i32 = env_var_of(*pid, "ROUNDHOUSE_FD")

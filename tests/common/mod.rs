@@ -9,17 +9,23 @@
 //! - [`Primary`]: a running `roundhouse run` with its own temp dir, control socket, captured log
 //!   and a kill-and-reap guard. Start it with [`Primary::start`] (extra `run` flags, default worker
 //!   command `hello-worker`) or [`Primary::builder`] when the test needs to choose the worker
-//!   command, listeners, environment, or write files into the temp dir before starting.
-//!   Then: [`Primary::wait_ready`], [`Primary::addr`], [`Primary::admin_addr`],
+//!   command, listeners, environment, or write files into the temp dir before starting;
+//!   [`PrimaryBuilder::start_program`] runs an embedding program (e.g. `examples/embed`) the
+//!   same way, and [`PrimaryBuilder::nofile_limit`] starts it under a low `RLIMIT_NOFILE`.
+//!   Then: [`Primary::wait_ready`], [`Primary::addr`], [`Primary::admin_addr`], [`Primary::stats`],
 //!   [`Primary::worker_pids`], [`Primary::wait_worker_online`], [`Primary::signal`],
 //!   [`Primary::wait_exit`], [`Primary::wait_for_log`] / [`Primary::wait_for_event`] /
 //!   [`Primary::wait_for_count`], [`Primary::client`] (a control command against this primary).
 //! - A tiny HTTP/1.1 client over `std::net::TcpStream`: [`get`], [`get_timeout`], [`request`]
 //!   (one request per connection, `Connection: close`) and [`HttpConn`] (several requests on one
-//!   keep-alive connection, or send and read separately). [`Response::worker_id`] reads the
-//!   `x-worker-id` header.
+//!   keep-alive connection, or send and read separately), [`KeepAliveClient`] (keep-alive that
+//!   retries like a browser: only a request whose reused connection closed before any response
+//!   byte). [`Response::worker_id`] reads the `x-worker-id` header.
+//! - [`Load`]: background client threads (connection-per-request or mixed keep-alive) that
+//!   record every success, failure and serving worker, for tests under load.
 //! - Process helpers reading `/proc`: [`pid_alive`], [`children_of`], [`descendants_of`],
-//!   [`fd_targets`], [`environ_of`], [`processes_tagged`], and [`wait_until`] (poll with a
+//!   [`fd_targets`], [`environ_of`], [`processes_tagged`], [`proc_rss_kib`], [`proc_cpu_time`],
+//!   and [`wait_until`] (poll with a
 //!   deadline — the only way tests synchronise; never a fixed sleep).
 //! - [`server_side_socket`] (an exact `sock_diag` lookup) to know, without sleeping, whether a
 //!   request has been read by a worker (`rx_queue == 0`) or which process holds a connection
@@ -433,6 +439,7 @@ pub struct PrimaryBuilder {
     env: Vec<(String, String)>,
     rust_log: String,
     stray_fds: Vec<i32>,
+    nofile: Option<u64>,
 }
 
 impl PrimaryBuilder {
@@ -446,6 +453,7 @@ impl PrimaryBuilder {
             env: Vec::new(),
             rust_log: "info".to_string(),
             stray_fds: Vec::new(),
+            nofile: None,
         }
     }
 
@@ -503,11 +511,12 @@ impl PrimaryBuilder {
         self
     }
 
-    fn control_path(&self) -> PathBuf {
-        match self.flags.iter().position(|f| f == "--control") {
-            Some(i) if i + 1 < self.flags.len() => PathBuf::from(&self.flags[i + 1]),
-            _ => self.dir.join("ctl.sock"),
-        }
+    /// Starts the primary with `RLIMIT_NOFILE` soft = hard = `n` (set in the child before
+    /// `exec`), so its workers inherit it too. The hard limit is what matters: the primary raises
+    /// its soft limit to the hard one at start.
+    pub fn nofile_limit(mut self, n: u64) -> Self {
+        self.nofile = Some(n);
+        self
     }
 
     /// The full argument list after the program name.
@@ -545,10 +554,32 @@ impl PrimaryBuilder {
     /// Spawns the primary. Panics if it cannot be spawned at all.
     pub fn start(self) -> Primary {
         let args = self.run_args();
+        self.spawn(roundhouse_bin(), args)
+    }
+
+    /// Spawns `program ARGS` instead of `roundhouse run ...` — an embedding program such as
+    /// `examples/embed` — with everything else as for a primary: the temp dir as working
+    /// directory, environment and tag, captured stdout/stderr, the kill-and-reap guard. The
+    /// builder's `listen`, `workers`, `args` and `cmd` are not used; pass what the program needs
+    /// in `args` (e.g. `--control` with [`PrimaryBuilder::control_path`]).
+    pub fn start_program(self, program: &str, args: &[String]) -> Primary {
+        self.spawn(program, args.to_vec())
+    }
+
+    /// The control socket path the primary will get: `<dir>/ctl.sock` unless `--control` was
+    /// given in [`PrimaryBuilder::args`].
+    pub fn control_path(&self) -> PathBuf {
+        match self.flags.iter().position(|f| f == "--control") {
+            Some(i) if i + 1 < self.flags.len() => PathBuf::from(&self.flags[i + 1]),
+            _ => self.dir.join("ctl.sock"),
+        }
+    }
+
+    fn spawn(self, program: &str, args: Vec<String>) -> Primary {
         let control = self.control_path();
         let tag = unique("rh");
         let mut command = if self.stray_fds.is_empty() {
-            let mut c = Command::new(roundhouse_bin());
+            let mut c = Command::new(program);
             c.args(&args);
             c
         } else {
@@ -560,7 +591,7 @@ impl PrimaryBuilder {
             let mut c = Command::new("/bin/sh");
             c.arg("-c")
                 .arg(format!("exec {}; exec \"$0\" \"$@\"", opens.join(" ")))
-                .arg(roundhouse_bin())
+                .arg(program)
                 .args(&args);
             c
         };
@@ -576,13 +607,31 @@ impl PrimaryBuilder {
         for (k, v) in &self.env {
             command.env(k, v);
         }
+        if let Some(n) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: runs in the forked child before exec; setrlimit is async-signal-safe and
+            // touches no memory of the parent.
+            unsafe {
+                command.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: n as libc::rlim_t,
+                        rlim_max: n as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command
             .spawn()
-            .unwrap_or_else(|e| panic!("could not spawn {}: {e}", roundhouse_bin()));
+            .unwrap_or_else(|e| panic!("could not spawn {program}: {e}"));
         let log = Log::default();
         log.spawn_reader(child.stderr.take().unwrap(), "");
         log.spawn_reader(child.stdout.take().unwrap(), "stdout| ");
         Primary {
+            program: program.to_string(),
             pid: child.id() as i32,
             child,
             dir: self.dir,
@@ -604,6 +653,7 @@ impl Default for PrimaryBuilder {
 
 /// A running `roundhouse run`, killed and reaped (with every worker it logged) on drop.
 pub struct Primary {
+    program: String,
     child: Child,
     pid: i32,
     dir: TempDir,
@@ -660,7 +710,7 @@ impl Primary {
         } else {
             format!(" (started with stray inherited fds {:?})", self.stray_fds)
         };
-        format!("{} {}{stray}", roundhouse_bin(), self.argv.join(" "))
+        format!("{} {}{stray}", self.program, self.argv.join(" "))
     }
 
     /// The whole captured log (stderr; stdout lines prefixed `stdout| `).
@@ -786,6 +836,13 @@ impl Primary {
             l.contains("admin listening") && l.field("admin.addr").is_some()
         });
         parse_addr(&line, "admin.addr")
+    }
+
+    /// `GET /stats` on the admin endpoint (needs `--admin`), parsed; panics if it fails.
+    pub fn stats(&self) -> serde_json::Value {
+        let r = get(self.admin_addr(), "/stats").expect("GET /stats");
+        assert_eq!(r.status, 200, "GET /stats: {r:?}");
+        r.json()
     }
 
     /// Worker id → pid, from the `worker online` lines so far (the latest line per id).
@@ -1192,6 +1249,106 @@ impl HttpConn {
     pub fn get(&mut self, path: &str) -> io::Result<Response> {
         self.request("GET", path, &[], &[])
     }
+
+    /// Reads one response, or `Ok(None)` if the server closed the connection (end-of-file or
+    /// reset) before sending a single byte of it — the one case in which browsers and urllib3
+    /// send an idempotent request again on a new connection. Closed after some bytes is an error.
+    pub fn read_response_or_closed(&mut self) -> io::Result<Option<Response>> {
+        loop {
+            match self.reader.fill_buf() {
+                Ok([]) => return Ok(None),
+                Ok(_) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if closed_by_peer(&e) => return Ok(None),
+                Err(e) => return Err(self.explain(e)),
+            }
+        }
+        self.read_response().map(Some)
+    }
+}
+
+/// Errors that mean the peer closed the connection (`EPIPE`, `ECONNRESET`, `ECONNABORTED`).
+fn closed_by_peer(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// A keep-alive HTTP client with the retry rule of browsers and urllib3: a request sent on a
+/// *reused* connection that the server closed before any byte of the response arrived (it had
+/// gone idle and was closed as the request crossed) is sent once more on a new connection.
+/// Anything else — a fresh connection closed without a response, a response cut short, a
+/// timeout — is returned as an error. A response with `Connection: close` ends the connection;
+/// the next request opens a new one.
+pub struct KeepAliveClient {
+    addr: SocketAddr,
+    timeout: Duration,
+    conn: Option<HttpConn>,
+    /// Connections opened so far.
+    pub connections: u64,
+    /// Requests sent again under the rule above.
+    pub retries: u64,
+}
+
+impl KeepAliveClient {
+    pub fn new(addr: SocketAddr) -> KeepAliveClient {
+        KeepAliveClient::with_timeout(addr, HTTP_TIMEOUT)
+    }
+
+    pub fn with_timeout(addr: SocketAddr, timeout: Duration) -> KeepAliveClient {
+        KeepAliveClient {
+            addr,
+            timeout,
+            conn: None,
+            connections: 0,
+            retries: 0,
+        }
+    }
+
+    /// `GET path`, on the open connection if there is one.
+    pub fn get(&mut self, path: &str) -> io::Result<Response> {
+        loop {
+            let reused = self.conn.is_some();
+            let mut c = match self.conn.take() {
+                Some(c) => c,
+                None => {
+                    self.connections += 1;
+                    HttpConn::connect_timeout(self.addr, self.timeout)?
+                }
+            };
+            let got = match c.send("GET", path, &[], &[]) {
+                Ok(()) => c.read_response_or_closed(),
+                Err(e) if closed_by_peer(&e) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match got? {
+                Some(r) => {
+                    let close = r
+                        .header("connection")
+                        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                    if !close {
+                        self.conn = Some(c);
+                    }
+                    return Ok(r);
+                }
+                None if reused => self.retries += 1,
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        "a new connection was closed without a response",
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Closes the open connection, if any.
+    pub fn close(&mut self) {
+        self.conn = None;
+    }
 }
 
 /// `GET path` on a new connection with `Connection: close`, [`HTTP_TIMEOUT`].
@@ -1325,6 +1482,26 @@ pub fn proc_stat(pid: i32) -> Option<(char, i32)> {
     let state = it.next()?.chars().next()?;
     let ppid = it.next()?.parse().ok()?;
     Some((state, ppid))
+}
+
+/// Resident set size of `pid` in KiB (`VmRSS` in `/proc/<pid>/status`).
+pub fn proc_rss_kib(pid: i32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// CPU time (user + system, all threads) `pid` has used so far, from `/proc/<pid>/stat`.
+pub fn proc_cpu_time(pid: i32) -> Option<Duration> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state(0) ppid(1) ... utime(11) stime(12), in clock ticks.
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf has no memory-safety requirements.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    let hz = if hz > 0 { hz as u64 } else { 100 };
+    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
 }
 
 /// True if `pid` exists and is not a zombie (a dead, unreaped process counts as dead).
@@ -1607,4 +1784,147 @@ pub fn pid_holds_socket(pid: i32, inode: u64) -> bool {
 /// True if `[::1]` can be bound on this machine.
 pub fn ipv6_available() -> bool {
     TcpListener::bind("[::1]:0").is_ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Background load
+// ---------------------------------------------------------------------------------------------
+
+/// How each [`Load`] client thread talks to the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoadMode {
+    /// A new connection per request (`Connection: close`).
+    PerRequest,
+    /// Even-numbered threads keep one connection alive across requests (reconnecting after a
+    /// failure or a `Connection: close`), odd ones connect per request.
+    Mixed,
+}
+
+/// What a [`Load`] saw: successes, every failure with its reason, and who served.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    pub ok: usize,
+    /// `"client N after 1.234s: reason"`, in the order they happened per thread.
+    pub failures: Vec<String>,
+    /// `(x-worker-id, pid from a /whoami body or 0)` → responses.
+    pub served: BTreeMap<(u32, i32), usize>,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    /// Responses from worker `id` whose pid is `pid`.
+    pub fn served_by(&self, id: u32, pid: i32) -> usize {
+        self.served.get(&(id, pid)).copied().unwrap_or(0)
+    }
+    /// Responses from worker `id`, any pid.
+    pub fn served_by_id(&self, id: u32) -> usize {
+        self.served
+            .iter()
+            .filter(|((i, _), _)| *i == id)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+/// Background HTTP load: `threads` clients asking `GET path` in a loop until [`Load::finish`];
+/// a response other than 200, or any I/O error, is a failure (recorded with its reason). With
+/// `path` `/whoami` the serving pid is recorded too.
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    report: Arc<Mutex<LoadReport>>,
+    threads: Vec<thread::JoinHandle<()>>,
+    started: Instant,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, threads: usize, path: &str, mode: LoadMode) -> Load {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let report = Arc::new(Mutex::new(LoadReport::default()));
+        let started = Instant::now();
+        let threads = (0..threads)
+            .map(|i| {
+                let (stop, report, path) = (stop.clone(), report.clone(), path.to_string());
+                let keep_alive = mode == LoadMode::Mixed && i % 2 == 0;
+                thread::spawn(move || {
+                    let mut conn: Option<HttpConn> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = if keep_alive {
+                            let c = match conn.take() {
+                                Some(c) => Ok(c),
+                                None => HttpConn::connect(addr),
+                            };
+                            c.and_then(|mut c| {
+                                let r = c.get(&path)?;
+                                let close = r
+                                    .header("connection")
+                                    .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+                                if !close {
+                                    conn = Some(c);
+                                }
+                                Ok(r)
+                            })
+                        } else {
+                            get(addr, &path)
+                        };
+                        let mut rep = report.lock().unwrap();
+                        match r {
+                            Ok(r) if r.status == 200 => {
+                                rep.ok += 1;
+                                let id = r.worker_id().unwrap_or(0);
+                                let pid = serde_json::from_slice::<serde_json::Value>(&r.body)
+                                    .ok()
+                                    .and_then(|v| v["pid"].as_i64())
+                                    .unwrap_or(0) as i32;
+                                *rep.served.entry((id, pid)).or_default() += 1;
+                            }
+                            other => {
+                                let what = match other {
+                                    Ok(r) => format!("status {} {:?}", r.status, r.text()),
+                                    Err(e) => e.to_string(),
+                                };
+                                let at = started.elapsed().as_secs_f64();
+                                rep.failures
+                                    .push(format!("client {i} after {at:.3}s: {what}"));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            report,
+            threads,
+            started,
+        }
+    }
+
+    /// A copy of what the load has seen so far.
+    pub fn snapshot(&self) -> LoadReport {
+        let mut r = self.report.lock().unwrap().clone();
+        r.elapsed = self.started.elapsed();
+        r
+    }
+
+    /// Polls until `f` holds for the report so far; false after `timeout`.
+    pub fn wait_for(&self, timeout: Duration, f: impl Fn(&LoadReport) -> bool) -> bool {
+        wait_until(timeout, POLL, || f(&self.report.lock().unwrap()))
+    }
+
+    /// Waits until `n` more requests than now have succeeded; false after `timeout`.
+    pub fn wait_ok(&self, n: usize, timeout: Duration) -> bool {
+        let target = self.report.lock().unwrap().ok + n;
+        self.wait_for(timeout, |r| r.ok >= target)
+    }
+
+    /// Stops the clients (each finishes its current request) and returns the report.
+    pub fn finish(self) -> LoadReport {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().expect("load thread panicked");
+        }
+        let mut r = self.report.lock().unwrap().clone();
+        r.elapsed = self.started.elapsed();
+        r
+    }
 }

@@ -269,12 +269,14 @@ fn json(body: &[u8]) -> Result<(), FrameError> {
     serde_json_check(body)
 }
 
-/// Checks that `body` is one JSON value without building it (`IgnoredAny`), so relaying a
-/// message costs no allocation; serde_json also bounds nesting depth.
+/// Checks that `body` is one JSON value that every receiver can parse (serde_json also bounds
+/// nesting depth). Messages are not on the connection path, so the parse's allocation is fine.
 fn serde_json_check(body: &[u8]) -> Result<(), FrameError> {
     // serde_json skips the UTF-8 check of ignored strings; relayed text must be UTF-8.
     std::str::from_utf8(body).map_err(|_| FrameError::Json("not UTF-8".into()))?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+    // A full parse (not `IgnoredAny`): a number like 1e999 is valid JSON syntax but no JSON
+    // value any receiver can build, so it must be refused here, once, for everyone.
+    serde_json::from_slice::<serde_json::Value>(body)
         .map(|_| ())
         .map_err(|e| FrameError::Json(e.to_string()))
 }
@@ -304,6 +306,9 @@ pub fn decode_primary_frame(buf: &[u8], fds: usize) -> Result<PrimaryFrame<'_>, 
         kind::DRAIN => {
             exact(k, body, 0)?;
             no_fds(k, fds)?;
+            if arg != 0 {
+                return Err(FrameError::Reserved);
+            }
             Ok(PrimaryFrame::Drain)
         }
         kind::MESSAGE_TO_WORKER => {
@@ -357,6 +362,9 @@ pub fn decode_worker_frame(buf: &[u8], fds: usize) -> Result<WorkerFrame<'_>, Fr
         }
         kind::HEARTBEAT => {
             exact(k, body, 0)?;
+            if arg != 0 {
+                return Err(FrameError::Reserved);
+            }
             Ok(WorkerFrame::Heartbeat)
         }
         kind::MESSAGE_FROM_WORKER => {
@@ -590,6 +598,7 @@ mod tests {
             b"\"\\x\"",
             b"\xff",
             b"\"\xff\"",
+            b"1e999",
         ] {
             assert!(serde_json_check(bad).is_err(), "{:?}", bad);
         }

@@ -11,9 +11,11 @@
 //! acks) is a few fixed-size records that cost nothing to encode and decode without allocating.
 
 pub mod frame;
+pub mod policy;
 pub mod sys;
 
 pub use frame::{
     ConnRecord, FrameError, IdList, PrimaryFrame, Recipient, WorkerFrame, ACK_MAX_IDS, CONNS_MAX,
     HEADER_LEN, MAX_FRAME, PROTOCOL_VERSION, RECORD_LEN,
 };
+pub use policy::Policy;

@@ -42,6 +42,26 @@ pub fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Creates an `AF_UNIX` `SOCK_STREAM` pair (close-on-exec, non-blocking): the channel for
+/// Node.js workers, whose IPC is a byte stream of JSON lines.
+pub fn stream_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: as in `seqpacket_pair`.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both fds are fresh and owned by us alone.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
 /// Sends one frame with `fds` attached (at most [`MAX_RECV_FDS`]). Never blocks and never raises
 /// `SIGPIPE`: a full channel is `WouldBlock`, a closed one `BrokenPipe`.
 pub fn send_frame(sock: BorrowedFd<'_>, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
@@ -164,6 +184,20 @@ pub fn recv_frame(
         truncated: msg.msg_flags & libc::MSG_TRUNC != 0,
         fds_truncated: msg.msg_flags & libc::MSG_CTRUNC != 0,
     })
+}
+
+/// Clears `O_NONBLOCK` on `fd` (for the worker's end of a channel).
+pub fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own has no memory-safety requirements.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Clears `FD_CLOEXEC` on `fd`. Only for use in a freshly forked child before `exec`.

@@ -87,11 +87,11 @@ impl ApiClient {
         answer.await.map_err(|_| ApiError::Gone)
     }
 
-    /// The current statistics. The owner fills in the counters; the per-worker RSS is read from
-    /// `/proc` here, in the caller's task, so a scrape costs the accept path nothing but the copy.
+    /// The current statistics. The owner fills in the counters; the per-worker RSS (left 0 by the owner)
+    /// is read from `/proc` here, in the caller's task, so a scrape costs the accept path nothing but the copy.
     pub async fn stats(&self) -> Result<StatsSnapshot, ApiError> {
         let mut snapshot = self.call(|reply| Request::Stats { reply }).await?;
-        for w in &mut snapshot.workers {
+        for w in snapshot.workers.iter_mut().filter(|w| w.rss_bytes == 0) {
             w.rss_bytes = w.pid.and_then(crate::stats::read_rss).unwrap_or(0);
         }
         Ok(snapshot)

@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod listen;
+pub(crate) mod node;
 pub mod notify;
 mod primary;
 pub mod spawn;
@@ -158,6 +159,8 @@ impl Builder {
 pub struct Handle {
     api: ApiClient,
     events: broadcast::Sender<Event>,
+    /// Subscribed before the first worker was forked, so the first `subscribe()` misses nothing.
+    first_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
     admin_addr: Option<SocketAddr>,
     thread: std::thread::JoinHandle<Result<(), RunError>>,
     done: tokio::sync::oneshot::Receiver<()>,
@@ -168,10 +171,12 @@ impl Handle {
     pub fn api(&self) -> ApiClient {
         self.api.clone()
     }
-    /// Events from now on. A slow receiver loses the oldest (`RecvError::Lagged`) rather than
-    /// growing the primary's memory.
+    /// Events. The first call returns every event since the start (the first workers' `Fork`
+    /// and `Online` included); later calls, events from then on. A slow receiver loses the
+    /// oldest (`RecvError::Lagged`) rather than growing the primary's memory.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        let first = self.first_events.lock().ok().and_then(|mut f| f.take());
+        first.unwrap_or_else(|| self.events.subscribe())
     }
     /// The admin endpoint's bound address (with the real port when 0 was asked).
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -236,9 +241,15 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
         .clone()
         .unwrap_or_else(control::default_control_path);
     let control = control::bind_control(&control_path)?;
+    let mut written_shim = None;
+    if cfg.node && cfg.node_shim.is_none() {
+        let path = node::write_shim()?;
+        cfg.node_shim = Some(path.clone());
+        written_shim = Some(path);
+    }
     let (tx, rx) = mpsc::channel(64);
     let api = ApiClient(tx);
-    let (events, _) = broadcast::channel(1024);
+    let (events, first_events) = broadcast::channel(1024);
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let thread_events = events.clone();
     // Admin and control run on a thread of their own so a scrape or a slow client never takes
@@ -287,11 +298,15 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
                 primary.run().await
             });
             let _ = std::fs::remove_file(&control_path);
+            if let Some(shim) = written_shim {
+                node::remove_shim(&shim);
+            }
             result
         })?;
     Ok(Handle {
         api,
         events,
+        first_events: std::sync::Mutex::new(Some(first_events)),
         admin_addr,
         thread,
         done,

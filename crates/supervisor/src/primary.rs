@@ -37,6 +37,7 @@ use tracing::{debug, error, info, warn};
 use crate::api::{Request, Target};
 use crate::config::{Config, Policy};
 use crate::events::{Event, ExitInfo};
+use crate::node::{NodeCodec, NodeEvent};
 use crate::notify;
 use crate::spawn::{self, SpawnError, SpawnSpec};
 use crate::stats::{self, StatsSnapshot, Totals, WorkerState, WorkerStats};
@@ -49,8 +50,15 @@ pub(crate) const WINDOW: usize = 128;
 /// Connections the primary holds while no worker can take them; past this it stops accepting
 /// and the kernel backlog holds the rest.
 pub(crate) const MAX_HELD: usize = 1024;
-/// Frames queued for a worker that does not read its channel before it is killed as hung.
-pub(crate) const MAX_OUTBOX: usize = 1024;
+/// Bytes of messages queued for a worker that reads its channel slower than they come; past
+/// this, new messages for it are dropped (with one warning per episode) instead of growing the
+/// primary's memory.
+pub(crate) const MAX_OUTBOX_BYTES: usize = 1 << 20;
+/// A worker whose queued frames make no progress for this long does not read its channel: it is
+/// killed.
+const OUTBOX_STALL: Duration = Duration::from_secs(10);
+/// Frames read from a worker that has just exited (its last words).
+const READ_ON_EXIT: usize = 1024;
 /// Connections accepted per listener per wake-up, so acks and exits are not starved.
 const ACCEPT_BURST: usize = 256;
 /// Frames read from one worker per wake-up.
@@ -61,6 +69,11 @@ const TICK: Duration = Duration::from_millis(50);
 const STABLE_AFTER: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_CAP: Duration = Duration::from_secs(10);
+/// Longest a worker may leave a handed connection unacknowledged before it is killed as not
+/// reading its channel (or `--heartbeat-timeout`, if shorter).
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a worker whose channel closed gets to be reaped before it is SIGKILLed.
+const CHANNEL_CLOSED_GRACE: Duration = Duration::from_millis(200);
 /// Time a hung worker gets between SIGTERM and SIGKILL.
 const HUNG_KILL_GRACE: Duration = Duration::from_secs(1);
 /// How long a worker that refused a connection while online is skipped.
@@ -74,6 +87,8 @@ struct Conn {
     stream: TcpStream,
     listener: u16,
     peer: SocketAddr,
+    /// When it was last handed to a worker (for the ack deadline).
+    sent_at: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +130,8 @@ struct Worker {
     pid: u32,
     role: Role,
     chan: Option<AsyncFd<OwnedFd>>,
+    /// `--node`: the channel is Node's IPC stream, spoken through this codec.
+    node: Option<Box<NodeCodec>>,
     state: WState,
     /// Handed, not yet acknowledged (the primary's copies), oldest first.
     inflight: VecDeque<Conn>,
@@ -122,7 +139,13 @@ struct Worker {
     batch: Vec<Conn>,
     write_blocked: bool,
     skip_until: Option<Instant>,
+    /// Frames (Node: byte runs) waiting for the channel to become writable.
     outbox: VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+    /// Last time the outbox made progress while not empty (None when empty).
+    outbox_since: Option<Instant>,
+    /// Messages for this worker are being dropped (its outbox is over budget).
+    dropping_messages: bool,
     /// Connections this worker acknowledged (handoff policies).
     acked: u64,
     /// Last cumulative counters the worker reported.
@@ -132,10 +155,28 @@ struct Worker {
     /// Ready deadline (Starting), grace deadline (Draining), SIGKILL deadline (Dying).
     deadline: Option<Instant>,
     sigkilled: bool,
+    /// `least-conn` heap bookkeeping: position, load and last-pick stamp.
+    lc_pos: usize,
+    lc_load: u64,
+    lc_seq: u64,
+    /// Why a `Dying` worker that has not been SIGKILLed yet will be at its deadline.
+    dying_reason: &'static str,
     recycle_at: Option<u64>,
 }
 
 impl Worker {
+    fn clear_outbox(&mut self) {
+        self.outbox.clear();
+        self.outbox_bytes = 0;
+        self.outbox_since = None;
+    }
+    fn queue(&mut self, f: Vec<u8>) {
+        if self.outbox.is_empty() {
+            self.outbox_since = Some(Instant::now());
+        }
+        self.outbox_bytes += f.len();
+        self.outbox.push_back(f);
+    }
     fn active(&self, policy: Policy) -> u64 {
         let opened = if policy.hands_off() {
             self.acked
@@ -149,6 +190,10 @@ impl Worker {
             && !self.write_blocked
             && self.inflight.len() + self.batch.len() < WINDOW
             && self.skip_until.is_none_or(|t| t <= now)
+            && self
+                .node
+                .as_ref()
+                .is_none_or(|n| n.handle_in_flight().is_none() && self.batch.is_empty())
     }
 }
 
@@ -180,7 +225,8 @@ struct Reload {
     /// (slot id, new worker key) being brought online.
     step: Option<(u32, usize)>,
     replies: Vec<oneshot::Sender<Result<(), String>>>,
-    notify_systemd: bool,
+    /// A whole reload (SIGHUP / `roundhouse reload`: systemd is told), not a one-slot recycle.
+    full: bool,
 }
 
 enum Phase {
@@ -189,6 +235,18 @@ enum Phase {
         deadline: Instant,
         replies: Vec<oneshot::Sender<()>>,
     },
+}
+
+/// A message for a worker other than a connection handoff.
+#[derive(Clone, Copy)]
+enum Control<'a> {
+    Drain,
+    Message {
+        from: u32,
+        json: &'a [u8],
+    },
+    /// Node only: answer to a handle the app sent the primary.
+    HandleAck,
 }
 
 enum Wake {
@@ -217,6 +275,10 @@ pub(crate) struct Primary {
     /// Online workers in slot order: the rotation.
     rotation: Vec<usize>,
     rr_cursor: usize,
+    /// `least-conn`: indexed min-heap of the rotation's workers, and its search scratch.
+    lc_heap: Vec<usize>,
+    lc_search: std::collections::BinaryHeap<std::cmp::Reverse<((u64, u64), usize)>>,
+    lc_seq: u64,
     held: VecDeque<Conn>,
     next_conn_id: u64,
     dirty: Vec<usize>,
@@ -230,6 +292,7 @@ pub(crate) struct Primary {
     phase: Phase,
     reload: Option<Reload>,
     announced_ready: bool,
+    last_drop_warning: Option<Instant>,
     any_online_ever: bool,
     fatal: Option<RunError>,
     scratch: Vec<u8>,
@@ -285,6 +348,9 @@ impl Primary {
             free_keys: Vec::new(),
             rotation: Vec::new(),
             rr_cursor: 0,
+            lc_heap: Vec::new(),
+            lc_search: std::collections::BinaryHeap::new(),
+            lc_seq: 0,
             held: VecDeque::with_capacity(MAX_HELD),
             next_conn_id: 1,
             dirty: Vec::with_capacity(64),
@@ -298,6 +364,7 @@ impl Primary {
             phase: Phase::Running,
             reload: None,
             announced_ready: false,
+            last_drop_warning: None,
             any_online_ever: false,
             fatal: None,
             scratch: Vec::with_capacity(MAX_FRAME),
@@ -411,6 +478,7 @@ impl Primary {
 
     fn accept_from(&mut self, i: usize) {
         let listener_index = i as u16;
+        let now = Instant::now();
         for _ in 0..ACCEPT_BURST {
             if self.held.len() >= MAX_HELD {
                 break;
@@ -424,10 +492,17 @@ impl Primary {
                         stream,
                         listener: listener_index,
                         peer,
+                        sent_at: now,
                     });
-                    self.accept_error_logged = false;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The backlog drained without running out of fds: the episode is over.
+                    if self.accept_error_logged {
+                        info!(listener.addr = %self.addrs[i], "accepting again: fds available");
+                        self.accept_error_logged = false;
+                    }
+                    break;
+                }
                 Err(e) => match e.raw_os_error() {
                     Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                         if !self.accept_error_logged {
@@ -464,8 +539,14 @@ impl Primary {
                     self.dirty.push(k);
                 }
                 w.batch.push(conn);
-                if w.batch.len() == CONNS_MAX {
-                    self.flush(k);
+                if self.cfg.policy == Policy::LeastConn {
+                    self.lc_seq += 1;
+                    w.lc_seq = self.lc_seq;
+                    self.lc_update(k);
+                }
+                let w = self.workers[k].as_mut().expect("picked a live worker");
+                if (w.batch.len() == CONNS_MAX || w.node.is_some()) && self.flush(k) {
+                    self.lc_update(k);
                 }
                 if self.held.is_empty() {
                     break;
@@ -473,7 +554,10 @@ impl Primary {
             }
             let mut requeued = false;
             while let Some(k) = self.dirty.pop() {
-                requeued |= self.flush(k);
+                if self.flush(k) {
+                    requeued = true;
+                    self.lc_update(k);
+                }
             }
             if !requeued {
                 return;
@@ -485,27 +569,7 @@ impl Primary {
     fn pick(&mut self, now: Instant) -> Option<usize> {
         let n = self.rotation.len();
         match self.cfg.policy {
-            Policy::LeastConn => {
-                // O(online workers) per connection. With the window bound and batching this is
-                // cheap for realistic counts (tens of workers); see docs/lifecycle.md.
-                let policy = self.cfg.policy;
-                let mut best: Option<(u64, usize)> = None;
-                for j in 0..n {
-                    let idx = (self.rr_cursor + j) % n;
-                    let k = self.rotation[idx];
-                    let w = self.workers[k].as_ref()?;
-                    if !w.eligible(now) {
-                        continue;
-                    }
-                    let load = w.active(policy) + (w.inflight.len() + w.batch.len()) as u64;
-                    if best.is_none_or(|(b, _)| load < b) {
-                        best = Some((load, idx));
-                    }
-                }
-                let (_, idx) = best?;
-                self.rr_cursor = (idx + 1) % n;
-                Some(self.rotation[idx])
-            }
+            Policy::LeastConn => self.lc_pick(now),
             _ => {
                 for j in 0..n {
                     let idx = (self.rr_cursor + j) % n;
@@ -528,6 +592,9 @@ impl Primary {
         if w.batch.is_empty() {
             return false;
         }
+        if w.node.is_some() {
+            return self.flush_node(k);
+        }
         self.scratch.clear();
         frame::encode_conns_header(&mut self.scratch, w.batch.len());
         let mut fds = [0 as RawFd; CONNS_MAX];
@@ -547,7 +614,11 @@ impl Primary {
         };
         match result {
             Ok(_) => {
-                w.inflight.extend(w.batch.drain(..));
+                let now = Instant::now();
+                w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                    c.sent_at = now;
+                    c
+                }));
                 false
             }
             Err(e) => {
@@ -574,6 +645,65 @@ impl Primary {
         }
     }
 
+    /// Node workers: one handle line per `sendmsg`, with exactly its fd, and no next handle
+    /// until Node's child has answered (see node/README.md, section 5).
+    fn flush_node(&mut self, k: usize) -> bool {
+        let w = self.workers[k].as_mut().expect("live worker");
+        let node = w.node.as_mut().expect("node worker");
+        let c = &w.batch[0];
+        let rec = ConnRecord {
+            id: c.id,
+            listener: c.listener,
+            peer: c.peer,
+        };
+        self.scratch.clear();
+        let sent = node.encode_conn(&mut self.scratch, &rec) && {
+            let fd = c.stream.as_raw_fd();
+            match &w.chan {
+                Some(chan) => {
+                    match sys::send_frame(chan.get_ref().as_fd(), &self.scratch, &[fd]) {
+                        Ok(n) => {
+                            if n < self.scratch.len() {
+                                // The fd went with the first bytes; the rest follows alone.
+                                w.queue(self.scratch[n..].to_vec());
+                                w.write_blocked = true;
+                            }
+                            true
+                        }
+                        Err(e) => {
+                            node.cancel_in_flight();
+                            if e.kind() == io::ErrorKind::WouldBlock {
+                                w.write_blocked = true;
+                            } else {
+                                w.chan = None;
+                            }
+                            false
+                        }
+                    }
+                }
+                None => {
+                    node.cancel_in_flight();
+                    false
+                }
+            }
+        };
+        if sent {
+            let now = Instant::now();
+            w.inflight.extend(w.batch.drain(..).map(|mut c| {
+                c.sent_at = now;
+                c
+            }));
+            return false;
+        }
+        for c in w.batch.drain(..).rev() {
+            self.held.push_front(c);
+        }
+        if w.chan.is_none() {
+            self.kill_worker(k, "its channel failed");
+        }
+        true
+    }
+
     // ----- reading worker frames --------------------------------------------------------
 
     /// Reads and handles up to `burst` frames from worker `k`. `direct` reads without waiting
@@ -597,6 +727,28 @@ impl Primary {
                 Ok(meta) if meta.len == 0 => {
                     self.channel_closed(k);
                     return;
+                }
+                Ok(meta) if w.node.is_some() => {
+                    w.last_seen = Instant::now();
+                    // Fds from a Node worker come only with a handle the app sent us
+                    // (`WorkerHandle`): close them at once.
+                    self.recv_fds.clear();
+                    let node = w.node.as_mut().expect("checked");
+                    if let Err(why) = node.feed(&self.recv_buf[..meta.len]) {
+                        self.protocol_error(k, &why);
+                        return;
+                    }
+                    loop {
+                        let Some(node) = self.workers[k].as_mut().and_then(|w| w.node.as_mut())
+                        else {
+                            return;
+                        };
+                        let Some(ev) = node.next_event() else { break };
+                        if let Err(why) = ev.and_then(|ev| self.on_node_event(k, ev)) {
+                            self.protocol_error(k, &why);
+                            return;
+                        }
+                    }
                 }
                 Ok(meta) => {
                     w.last_seen = Instant::now();
@@ -638,81 +790,138 @@ impl Primary {
     }
 
     fn on_frame(&mut self, k: usize, f: WorkerFrame<'_>) -> Result<(), String> {
+        match f {
+            WorkerFrame::Ready { .. } => self.on_ready(k),
+            WorkerFrame::Ack(ids) => self.on_ids(k, false, ids.iter()),
+            WorkerFrame::Refuse(ids) => self.on_ids(k, true, ids.iter()),
+            WorkerFrame::Stats(s) => self.on_stats(k, s),
+            WorkerFrame::Heartbeat => Ok(()),
+            WorkerFrame::Message { to, json } => {
+                let from = self.workers[k].as_ref().expect("live worker").slot;
+                self.relay(from, to, json);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_node_event(&mut self, k: usize, ev: NodeEvent) -> Result<(), String> {
+        match ev {
+            NodeEvent::Ready => self.on_ready(k),
+            NodeEvent::Ack(ids) => self.on_ids(k, false, ids.into_iter()),
+            NodeEvent::Refuse(ids) => self.on_ids(k, true, ids.into_iter()),
+            // The child never saw the connection (its fd did not arrive): as good as refused.
+            NodeEvent::HandleNack(id) => self.on_ids(k, true, std::iter::once(id)),
+            // The handle arrived; the shim's own ACK follows. The next handle may go now.
+            NodeEvent::HandleAck(_) => Ok(()),
+            NodeEvent::Stats(s) => self.on_stats(k, s),
+            NodeEvent::Heartbeat => Ok(()),
+            NodeEvent::Message { to, json } => {
+                let from = self.workers[k].as_ref().expect("live worker").slot;
+                self.relay(from, to, &json);
+                Ok(())
+            }
+            // The app sent us a socket: its fd was closed on receipt; answer so that Node's
+            // child stops queueing its later messages.
+            NodeEvent::WorkerHandle => {
+                self.send_control(k, Control::HandleAck);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ready(&mut self, k: usize) -> Result<(), String> {
+        if self.workers[k].as_ref().expect("live worker").state != WState::Starting {
+            return Err("sent READY twice".into());
+        }
+        self.on_online(k);
+        Ok(())
+    }
+
+    fn on_ids(
+        &mut self,
+        k: usize,
+        refuse: bool,
+        ids: impl Iterator<Item = u64>,
+    ) -> Result<(), String> {
+        for id in ids {
+            let w = self.workers[k].as_mut().expect("live worker");
+            // Acks come in handoff order, so the id is almost always at the front.
+            let Some(pos) = w.inflight.iter().position(|c| c.id == id) else {
+                return Err(format!(
+                    "{} connection {id}, which it does not hold",
+                    if refuse { "refused" } else { "acknowledged" }
+                ));
+            };
+            let conn = w.inflight.remove(pos).expect("position is in range");
+            if refuse {
+                if w.state == WState::Online {
+                    w.skip_until = Some(Instant::now() + REFUSE_COOLDOWN);
+                }
+                self.held.push_front(conn);
+            } else {
+                w.acked += 1;
+                let slot_idx = (w.slot - 1) as usize;
+                self.slots[slot_idx].counters.connections_total += 1;
+                drop(conn); // the worker has its copy: close ours so its close() sends FIN
+            }
+        }
+        self.lc_update(k);
+        Ok(())
+    }
+
+    fn on_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
+        let result = self.apply_stats(k, s);
+        self.lc_update(k);
+        result
+    }
+
+    fn apply_stats(&mut self, k: usize, s: WireStats) -> Result<(), String> {
         let policy = self.cfg.policy;
         let w = self.workers[k].as_mut().expect("live worker");
         let slot_idx = (w.slot - 1) as usize;
-        match f {
-            WorkerFrame::Ready { .. } => {
-                if w.state != WState::Starting {
-                    return Err("sent READY twice".into());
-                }
-                self.on_online(k);
-            }
-            WorkerFrame::Ack(ids) | WorkerFrame::Refuse(ids) => {
-                let refuse = matches!(f, WorkerFrame::Refuse(_));
-                for id in ids.iter() {
-                    let w = self.workers[k].as_mut().expect("live worker");
-                    // Acks come in handoff order, so the id is almost always at the front.
-                    let Some(pos) = w.inflight.iter().position(|c| c.id == id) else {
-                        return Err(format!(
-                            "{} connection {id}, which it does not hold",
-                            if refuse { "refused" } else { "acknowledged" }
-                        ));
-                    };
-                    let conn = w.inflight.remove(pos).expect("position is in range");
-                    if refuse {
-                        if w.state == WState::Online {
-                            w.skip_until = Some(Instant::now() + REFUSE_COOLDOWN);
-                        }
-                        self.held.push_front(conn);
-                    } else {
-                        w.acked += 1;
-                        self.slots[slot_idx].counters.connections_total += 1;
-                        drop(conn); // the worker has its copy: close ours so its close() sends FIN
-                    }
-                }
-            }
-            WorkerFrame::Stats(s) => {
-                let prev = w.reported;
-                if s.accepted < prev.accepted
-                    || s.closed < prev.closed
-                    || s.requests < prev.requests
-                {
-                    return Err("reported counters that went backwards".into());
-                }
-                w.reported = s;
-                let c = &mut self.slots[slot_idx].counters;
-                c.requests_total += s.requests - prev.requests;
-                if !policy.hands_off() {
-                    c.connections_total += s.accepted - prev.accepted;
-                }
-                if let (Some(limit), WState::Online) = (w.recycle_at, w.state) {
-                    if s.requests >= limit {
-                        w.recycle_at = None;
-                        info!(
-                            worker.id = w.slot,
-                            worker.pid = w.pid,
-                            requests = s.requests,
-                            "worker reached --max-requests; recycling"
-                        );
-                        self.recycle(slot_idx);
-                    }
-                }
-            }
-            WorkerFrame::Heartbeat => {}
-            WorkerFrame::Message { to, json } => {
-                let from = w.slot;
-                self.relay(from, to, json);
+        let prev = w.reported;
+        if s.accepted < prev.accepted || s.closed < prev.closed || s.requests < prev.requests {
+            return Err("reported counters that went backwards".into());
+        }
+        w.reported = s;
+        let c = &mut self.slots[slot_idx].counters;
+        c.requests_total += s.requests - prev.requests;
+        if !policy.hands_off() {
+            c.connections_total += s.accepted - prev.accepted;
+        }
+        // Recycle once past --max-requests; if a reload is running, retry at the next STATS.
+        if let (Some(limit), WState::Online, None) = (w.recycle_at, w.state, &self.reload) {
+            if s.requests >= limit {
+                w.recycle_at = None;
+                info!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    requests = s.requests,
+                    "worker reached --max-requests; recycling"
+                );
+                self.recycle(slot_idx);
             }
         }
         Ok(())
     }
 
     fn relay(&mut self, from: u32, to: Recipient, json: &[u8]) {
+        if json.len() > frame::MAX_MESSAGE && to != Recipient::Primary {
+            // Only a Node worker's line can be this long; it would not fit a native frame.
+            warn!(
+                worker.id = from,
+                bytes = json.len(),
+                "message too large to relay; dropped"
+            );
+            return;
+        }
         match to {
             Recipient::Primary => {
-                let text = String::from_utf8_lossy(json);
-                info!(worker.id = from, message = %text, "message from worker");
+                const LOGGED: usize = 1024;
+                let text = String::from_utf8_lossy(&json[..json.len().min(LOGGED)]);
+                let more = if json.len() > LOGGED { "…" } else { "" };
+                let text = format!("{text}{more}");
+                info!(worker.id = from, json = %text, "message from worker");
                 if let Ok(value) = serde_json::from_slice(json) {
                     let _ = self.events.send(Event::Message {
                         from,
@@ -722,11 +931,19 @@ impl Primary {
             }
             Recipient::Worker(id) => {
                 if !self.message_slot(id, from, json) {
-                    warn!(
-                        worker.id = from,
-                        to = id,
-                        "message to unknown worker dropped"
-                    );
+                    // Once a second at most: a flooding worker must not flood the log too.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_warning
+                        .is_none_or(|t| now - t >= Duration::from_secs(1))
+                    {
+                        self.last_drop_warning = Some(now);
+                        warn!(
+                            worker.id = from,
+                            to = id,
+                            "message to unknown (or restarting) worker dropped"
+                        );
+                    }
                 }
             }
             Recipient::All => {
@@ -747,34 +964,70 @@ impl Primary {
         let Some(k) = slot.current.filter(|_| slot.wanted) else {
             return false;
         };
-        let mut f = Vec::with_capacity(json.len() + 8);
-        frame::encode_message_to_worker(&mut f, from, json);
-        self.send_control(k, f);
+        self.send_control(k, Control::Message { from, json });
         true
     }
 
     // ----- writing control frames -------------------------------------------------------
 
-    fn send_control(&mut self, k: usize, f: Vec<u8>) {
+    /// Encodes a control message for worker `k`'s transport and sends or queues it.
+    fn send_control(&mut self, k: usize, c: Control<'_>) {
         let Some(w) = self.workers[k].as_mut() else {
             return;
         };
+        if w.chan.is_none() {
+            return;
+        }
+        let is_message = matches!(c, Control::Message { .. });
+        let mut f = Vec::new();
+        if w.node.is_some() {
+            match c {
+                Control::Drain => NodeCodec::encode_drain(&mut f),
+                Control::HandleAck => NodeCodec::encode_handle_ack(&mut f),
+                Control::Message { from, json } => {
+                    if let Err(e) = NodeCodec::encode_message(&mut f, from, json) {
+                        warn!(worker.id = w.slot, "message not sent: {e}");
+                        return;
+                    }
+                }
+            }
+        } else {
+            match c {
+                Control::Drain => frame::encode_drain(&mut f),
+                Control::HandleAck => return,
+                Control::Message { from, json } => {
+                    frame::encode_message_to_worker(&mut f, from, json)
+                }
+            }
+        }
         let Some(chan) = &w.chan else { return };
         if w.outbox.is_empty() && !w.write_blocked {
             match sys::send_frame(chan.get_ref().as_fd(), &f, &[]) {
+                // Only a stream (Node) channel writes part of a message: queue the rest.
+                Ok(n) if n < f.len() => {
+                    f.drain(..n);
+                    w.write_blocked = true;
+                }
                 Ok(_) => return,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => w.write_blocked = true,
                 Err(e) => {
-                    debug!(worker.id = w.slot, "control frame not sent: {e}");
+                    debug!(worker.id = w.slot, "control message not sent: {e}");
                     return;
                 }
             }
         }
-        if w.outbox.len() >= MAX_OUTBOX {
-            self.kill_worker(k, "it does not read its channel");
+        if is_message && w.outbox_bytes + f.len() > MAX_OUTBOX_BYTES {
+            if !w.dropping_messages {
+                warn!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    "worker reads its channel slower than messages arrive: dropping messages for it until it catches up"
+                );
+                w.dropping_messages = true;
+            }
             return;
         }
-        w.outbox.push_back(f);
+        w.queue(f);
     }
 
     fn on_writable(&mut self, k: usize) {
@@ -782,19 +1035,28 @@ impl Primary {
             return;
         };
         let Some(chan) = &w.chan else { return };
-        while let Some(f) = w.outbox.front() {
+        while let Some(f) = w.outbox.front_mut() {
             match chan.try_io(Interest::WRITABLE, |fd| sys::send_frame(fd.as_fd(), f, &[])) {
-                Ok(_) => {
+                Ok(n) if n < f.len() => {
+                    f.drain(..n);
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
+                }
+                Ok(n) => {
                     w.outbox.pop_front();
+                    w.outbox_bytes -= n;
+                    w.outbox_since = Some(Instant::now());
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
-                    w.outbox.clear();
+                    w.clear_outbox();
                     break;
                 }
             }
         }
         w.write_blocked = false;
+        w.outbox_since = None;
+        w.dropping_messages = false;
         self.dispatch();
     }
 
@@ -837,7 +1099,17 @@ impl Primary {
     fn start_worker(&mut self, idx: usize, role: Role) -> Option<usize> {
         let slot = &self.slots[idx];
         let id = slot.id;
-        let (primary_end, child_end) = match sys::seqpacket_pair() {
+        let pair = if self.cfg.node {
+            sys::stream_pair()
+        } else {
+            sys::seqpacket_pair()
+        };
+        let (primary_end, child_end) = match pair.and_then(|(p, c)| {
+            // The worker's end is its own open file description: make it blocking, as an
+            // inherited fd normally is (protocol.md section 2); the primary's stays non-blocking.
+            sys::set_blocking(&c)?;
+            Ok((p, c))
+        }) {
             Ok(p) => p,
             Err(e) => {
                 error!(worker.id = id, "could not create a channel: {e}");
@@ -854,11 +1126,30 @@ impl Primary {
             listeners.iter().map(|l| l.as_fd()).collect();
         fds.push(child_end.as_fd());
         let channel_fd = 3 + listeners.len();
+        // Heartbeats at a quarter of the timeout (at most every 100 ms, at least every second),
+        // so a healthy worker is never declared hung whatever --heartbeat-timeout is.
+        let heartbeat_ms = self
+            .cfg
+            .heartbeat_timeout
+            .map_or(1000, |t| (t.as_millis() / 4).clamp(100, 1000));
         let mut env: Vec<(OsString, OsString)> = vec![
-            ("ROUNDHOUSE_FD".into(), channel_fd.to_string().into()),
             ("ROUNDHOUSE_WORKER_ID".into(), id.to_string().into()),
             ("ROUNDHOUSE_POLICY".into(), self.cfg.policy.as_str().into()),
+            (
+                "ROUNDHOUSE_HEARTBEAT_MS".into(),
+                heartbeat_ms.to_string().into(),
+            ),
         ];
+        if self.cfg.node {
+            env.extend(crate::node::worker_env(
+                channel_fd,
+                self.cfg.node_shim.as_deref(),
+                &self.addrs,
+                self.cfg.backlog,
+            ));
+        } else {
+            env.push(("ROUNDHOUSE_FD".into(), channel_fd.to_string().into()));
+        }
         if !listeners.is_empty() {
             env.push(("LISTEN_FDS".into(), listeners.len().to_string().into()));
             let names: Vec<String> = (0..listeners.len()).map(|i| format!("listen{i}")).collect();
@@ -871,6 +1162,8 @@ impl Primary {
             argv: &argv,
             env: &env,
             env_remove: &[
+                "NODE_UNIQUE_ID",
+                "NODE_CHANNEL_FD",
                 "LISTEN_FDS",
                 "LISTEN_PID",
                 "LISTEN_FDNAMES",
@@ -915,18 +1208,26 @@ impl Primary {
             pid,
             role,
             chan: Some(chan),
+            node: self.cfg.node.then(|| Box::new(NodeCodec::new())),
             state: WState::Starting,
             inflight: VecDeque::with_capacity(WINDOW),
             batch: Vec::with_capacity(CONNS_MAX),
             write_blocked: false,
             skip_until: None,
             outbox: VecDeque::new(),
+            outbox_bytes: 0,
+            outbox_since: None,
+            dropping_messages: false,
             acked: 0,
             reported: WireStats::default(),
             online_at: None,
             last_seen: now,
             deadline: Some(now + self.cfg.ready_timeout),
             sigkilled: false,
+            lc_pos: usize::MAX,
+            lc_load: 0,
+            lc_seq: 0,
+            dying_reason: "",
             recycle_at,
         };
         let k = match self.free_keys.pop() {
@@ -960,11 +1261,16 @@ impl Primary {
         let idx = (id - 1) as usize;
         self.slots[idx].was_online = true;
         if role == Role::Replacement {
-            // A reload/recycle step: the new worker takes the slot, the old one drains.
-            let old = self.slots[idx].current.replace(k);
-            self.workers[k].as_mut().expect("live").role = Role::Current;
-            if let Some(old) = old.filter(|&o| o != k) {
-                self.drain_worker(old);
+            // A reload/recycle step: the new worker takes the slot, the old one drains — unless
+            // the slot was scaled away meanwhile: then the newcomer goes too.
+            if self.slots[idx].wanted {
+                let old = self.slots[idx].current.replace(k);
+                self.workers[k].as_mut().expect("live").role = Role::Current;
+                if let Some(old) = old.filter(|&o| o != k) {
+                    self.drain_worker(old);
+                }
+            } else {
+                self.drain_worker(k);
             }
             if let Some(r) = &mut self.reload {
                 if r.step.map(|(_, nk)| nk) == Some(k) {
@@ -997,6 +1303,130 @@ impl Primary {
         if self.rr_cursor >= self.rotation.len() {
             self.rr_cursor = 0;
         }
+        self.lc_rebuild();
+    }
+
+    // ----- least-conn: an indexed min-heap of online workers -----------------------------
+    //
+    // Keyed by (open + unacknowledged connections, time of last pick): the least loaded worker
+    // first, and among equals the one picked longest ago (the rotation). Picking and every load
+    // change cost O(log workers) and allocate nothing once the heap has grown; a worker that is
+    // not eligible right now (full window, full channel) is stepped over by a best-first walk.
+
+    fn lc_key(&self, k: usize) -> (u64, u64) {
+        // A worker reaped since the last rebuild sorts last (and is not eligible).
+        self.workers[k]
+            .as_ref()
+            .map_or((u64::MAX, u64::MAX), |w| (w.lc_load, w.lc_seq))
+    }
+
+    fn lc_load_of(&self, k: usize) -> u64 {
+        let w = self.workers[k].as_ref().expect("live worker");
+        w.active(self.cfg.policy) + (w.inflight.len() + w.batch.len()) as u64
+    }
+
+    fn lc_swap(&mut self, i: usize, j: usize) {
+        self.lc_heap.swap(i, j);
+        for at in [i, j] {
+            let k = self.lc_heap[at];
+            if let Some(w) = self.workers[k].as_mut() {
+                w.lc_pos = at;
+            }
+        }
+    }
+
+    fn lc_sift_up(&mut self, mut i: usize) {
+        while i > 0 {
+            let parent = (i - 1) / 2;
+            if self.lc_key(self.lc_heap[i]) >= self.lc_key(self.lc_heap[parent]) {
+                break;
+            }
+            self.lc_swap(i, parent);
+            i = parent;
+        }
+    }
+
+    fn lc_sift_down(&mut self, mut i: usize) {
+        let n = self.lc_heap.len();
+        loop {
+            let (l, r) = (2 * i + 1, 2 * i + 2);
+            let mut least = i;
+            if l < n && self.lc_key(self.lc_heap[l]) < self.lc_key(self.lc_heap[least]) {
+                least = l;
+            }
+            if r < n && self.lc_key(self.lc_heap[r]) < self.lc_key(self.lc_heap[least]) {
+                least = r;
+            }
+            if least == i {
+                return;
+            }
+            self.lc_swap(i, least);
+            i = least;
+        }
+    }
+
+    /// Re-keys worker `k` after its load changed (no-op for other policies).
+    fn lc_update(&mut self, k: usize) {
+        if self.cfg.policy != Policy::LeastConn {
+            return;
+        }
+        let Some(pos) = self.workers[k].as_ref().map(|w| w.lc_pos) else {
+            return;
+        };
+        if pos >= self.lc_heap.len() || self.lc_heap[pos] != k {
+            return;
+        }
+        let load = self.lc_load_of(k);
+        self.workers[k].as_mut().expect("live").lc_load = load;
+        self.lc_sift_up(pos);
+        let pos = self.workers[k].as_ref().expect("live").lc_pos;
+        self.lc_sift_down(pos);
+    }
+
+    fn lc_rebuild(&mut self) {
+        if self.cfg.policy != Policy::LeastConn {
+            return;
+        }
+        self.lc_heap.clear();
+        for i in 0..self.rotation.len() {
+            let k = self.rotation[i];
+            let load = self.lc_load_of(k);
+            let w = self.workers[k]
+                .as_mut()
+                .expect("rotation holds live workers");
+            w.lc_load = load;
+            w.lc_pos = self.lc_heap.len();
+            self.lc_heap.push(k);
+        }
+        for i in (0..self.lc_heap.len() / 2).rev() {
+            self.lc_sift_down(i);
+        }
+    }
+
+    /// The eligible worker with the smallest key: best-first from the root, so ineligible
+    /// workers near the top are stepped over without visiting the rest.
+    fn lc_pick(&mut self, now: Instant) -> Option<usize> {
+        use std::cmp::Reverse;
+        let mut search = std::mem::take(&mut self.lc_search);
+        search.clear();
+        if !self.lc_heap.is_empty() {
+            search.push(Reverse((self.lc_key(self.lc_heap[0]), 0)));
+        }
+        let mut found = None;
+        while let Some(Reverse((_, i))) = search.pop() {
+            let k = self.lc_heap[i];
+            if self.workers[k].as_ref().is_some_and(|w| w.eligible(now)) {
+                found = Some(k);
+                break;
+            }
+            for c in [2 * i + 1, 2 * i + 2] {
+                if c < self.lc_heap.len() {
+                    search.push(Reverse((self.lc_key(self.lc_heap[c]), c)));
+                }
+            }
+        }
+        self.lc_search = search;
+        found
     }
 
     /// Takes back every connection a worker has not acknowledged, oldest first.
@@ -1027,9 +1457,7 @@ impl Primary {
         w.state = WState::Draining;
         w.deadline = Some(Instant::now() + grace);
         info!(worker.id = w.slot, worker.pid = w.pid, "draining worker");
-        let mut f = Vec::with_capacity(8);
-        frame::encode_drain(&mut f);
-        self.send_control(k, f);
+        self.send_control(k, Control::Drain);
         self.rebuild_rotation();
     }
 
@@ -1047,12 +1475,14 @@ impl Primary {
             worker.pid = w.pid,
             "killing worker: {why}"
         );
+        // Signal first, then drop the channel: the worker must not see end-of-file and exit
+        // "cleanly" before the kill lands.
+        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
+        w.sigkilled = true;
         w.state = WState::Dying;
         w.chan = None;
-        w.outbox.clear();
+        w.clear_outbox();
         w.write_blocked = false;
-        w.sigkilled = true;
-        let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
         self.reclaim(k);
         self.rebuild_rotation();
         self.dispatch();
@@ -1082,10 +1512,18 @@ impl Primary {
                 self.reclaim(k);
                 self.dispatch();
             }
-            // An exiting process closes its channel just before SIGCHLD; one that keeps running
-            // without its channel is broken. Either way SIGKILL is right: the pid is not reaped
-            // yet, so it cannot belong to anyone else.
-            _ => self.kill_worker(k, "its channel closed"),
+            // An exiting process closes its channel just before SIGCHLD arrives; one that keeps
+            // running without its channel is broken. Take its connections back now (it can no
+            // longer acknowledge them) and give it a moment to be reaped before SIGKILL.
+            _ => {
+                w.state = WState::Dying;
+                w.clear_outbox();
+                w.deadline = Some(Instant::now() + CHANNEL_CLOSED_GRACE);
+                w.dying_reason = "it closed its channel but kept running";
+                self.reclaim(k);
+                self.rebuild_rotation();
+                self.dispatch();
+            }
         }
     }
 
@@ -1114,7 +1552,7 @@ impl Primary {
         }
         // Read what it wrote before it exited (its final STATS, late acks), so the books are
         // right: a worker that closed every connection has lost none.
-        self.read_worker(k, MAX_OUTBOX, true);
+        self.read_worker(k, READ_ON_EXIT, true);
         self.reclaim(k);
         let w = self.workers[k].take().expect("live worker");
         self.free_keys.push(k);
@@ -1225,6 +1663,7 @@ impl Primary {
             self.accept_paused_until = None;
         }
         let hb = self.cfg.heartbeat_timeout;
+        let ack_timeout = hb.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));
         for k in 0..self.workers.len() {
             let Some(w) = self.workers[k].as_mut() else {
                 continue;
@@ -1249,11 +1688,37 @@ impl Primary {
                     continue;
                 }
                 (WState::Dying, Some(d)) if d <= now && !w.sigkilled => {
+                    warn!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        "killing worker: {}",
+                        w.dying_reason
+                    );
                     w.sigkilled = true;
                     let _ = kill(Pid::from_raw(w.pid as i32), Signal::SIGKILL);
                     continue;
                 }
                 _ => {}
+            }
+            if w.outbox_since
+                .is_some_and(|t| now.duration_since(t) >= OUTBOX_STALL)
+            {
+                self.kill_worker(k, "it does not read its channel");
+                continue;
+            }
+            // A live worker acknowledges within milliseconds; one that leaves a handoff
+            // unanswered this long is not reading its channel (it may still send heartbeats).
+            if matches!(w.state, WState::Online | WState::Draining)
+                && w.inflight
+                    .front()
+                    .is_some_and(|c| now.duration_since(c.sent_at) >= ack_timeout)
+            {
+                let why = format!(
+                    "it did not acknowledge a connection within {}s",
+                    ack_timeout.as_secs_f64()
+                );
+                self.kill_worker(k, &why);
+                continue;
             }
             if let (Some(timeout), WState::Online) = (hb, w.state) {
                 if now.duration_since(w.last_seen) >= timeout {
@@ -1265,8 +1730,9 @@ impl Primary {
                     );
                     w.state = WState::Dying;
                     w.chan = None;
-                    w.outbox.clear();
+                    w.clear_outbox();
                     w.deadline = Some(now + HUNG_KILL_GRACE);
+                    w.dying_reason = "it did not exit after SIGTERM";
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
                     // SIGTERM does not reach a stopped process; make sure it can act on it.
                     let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
@@ -1279,6 +1745,23 @@ impl Primary {
             if *deadline <= now {
                 warn!("grace period over: killing the workers that are left");
                 self.kill_all();
+            }
+        }
+        // A worker that passed --max-requests while another slot was recycling (and has been
+        // quiet since, so no STATS brings it up again).
+        if self.reload.is_none() {
+            let due = self.workers.iter().flatten().find(|w| {
+                w.state == WState::Online
+                    && w.role == Role::Current
+                    && w.recycle_at.is_some_and(|n| w.reported.requests >= n)
+            });
+            if let Some(w) = due {
+                let idx = (w.slot - 1) as usize;
+                let k = self.slots[idx].current;
+                if let Some(w) = k.and_then(|k| self.workers[k].as_mut()) {
+                    w.recycle_at = None;
+                }
+                self.recycle(idx);
             }
         }
         self.run_due_restarts();
@@ -1417,7 +1900,19 @@ impl Primary {
             return;
         }
         if let Some(r) = &mut self.reload {
-            // One reload at a time; a second request waits for the running one.
+            if !r.full {
+                // A --max-requests recycle is running: make it a full reload of every slot.
+                info!("reloading workers one by one (after the running recycle)");
+                notify::reloading();
+                r.full = true;
+                let stepping = r.step.map(|(id, _)| id);
+                for s in self.slots.iter().filter(|s| s.wanted) {
+                    if Some(s.id) != stepping && !r.queue.contains(&s.id) {
+                        r.queue.push_back(s.id);
+                    }
+                }
+            }
+            // Otherwise one reload at a time: this request is answered when it finishes.
             r.replies.push(reply);
             return;
         }
@@ -1433,7 +1928,7 @@ impl Primary {
             queue,
             step: None,
             replies: vec![reply],
-            notify_systemd: true,
+            full: true,
         });
         self.advance_reload();
     }
@@ -1447,7 +1942,7 @@ impl Primary {
             queue: VecDeque::from([self.slots[idx].id]),
             step: None,
             replies: Vec::new(),
-            notify_systemd: false,
+            full: false,
         });
         self.advance_reload();
     }
@@ -1499,11 +1994,11 @@ impl Primary {
             }
         }
         match &result {
-            Ok(()) if r.notify_systemd => info!("reload complete"),
+            Ok(()) if r.full => info!("reload complete"),
             Ok(()) => {}
             Err(e) => error!("{e}"),
         }
-        if r.notify_systemd {
+        if r.full {
             notify::notify("READY=1");
         }
         for reply in r.replies {

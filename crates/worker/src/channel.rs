@@ -48,8 +48,18 @@ use crate::Message;
 
 /// Most `STATS` frames per second: one per this interval.
 pub(crate) const STATS_INTERVAL: Duration = Duration::from_millis(100);
-/// A worker that has sent nothing for this long sends a `HEARTBEAT`.
-pub(crate) const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// A worker that has sent nothing for this long sends a `HEARTBEAT`: `ROUNDHOUSE_HEARTBEAT_MS`
+/// (set by the primary to a quarter of its `--heartbeat-timeout`), else 1 s.
+pub(crate) fn heartbeat_interval() -> Duration {
+    static INTERVAL: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *INTERVAL.get_or_init(|| {
+        std::env::var("ROUNDHOUSE_HEARTBEAT_MS")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(ms.clamp(10, 60_000)))
+            .unwrap_or(Duration::from_secs(1))
+    })
+}
 /// Most frames read in one go before the `ACK` for them is written (32 × 32 ids = 1024, the most
 /// one `ACK` may carry).
 const BURST: usize = ACK_MAX_IDS / CONNS_MAX;
@@ -259,7 +269,7 @@ impl Channel {
             last_stats_at: now,
             stats_armed: false,
             stats_timer: Box::pin(sleep_until(now)),
-            heartbeat: Box::pin(sleep_until(now + HEARTBEAT_INTERVAL)),
+            heartbeat: Box::pin(sleep_until(now + heartbeat_interval())),
         }
     }
 
@@ -337,13 +347,13 @@ impl Channel {
                     self.push_stats();
                 }
                 _ = &mut self.heartbeat, if self.ready => {
-                    let due = self.last_sent + HEARTBEAT_INTERVAL;
+                    let due = self.last_sent + heartbeat_interval();
                     if Instant::now() >= due && self.out.is_empty() {
                         let mut b = self.buf();
                         frame::encode_heartbeat(&mut b);
                         self.push(b, false);
                     }
-                    let next = self.last_sent.max(Instant::now()) + HEARTBEAT_INTERVAL;
+                    let next = self.last_sent.max(Instant::now()) + heartbeat_interval();
                     self.heartbeat.as_mut().reset(next);
                 }
             }
@@ -434,7 +444,7 @@ impl Channel {
                     self.ready = true;
                     self.heartbeat
                         .as_mut()
-                        .reset(Instant::now() + HEARTBEAT_INTERVAL);
+                        .reset(Instant::now() + heartbeat_interval());
                     // Anything counted before READY goes out with the first STATS.
                     self.arm_stats();
                 }

@@ -95,55 +95,8 @@ use channel::{Channel, Cmd, Shared, MAX_QUEUED_MESSAGES};
 /// Messages from the primary waiting for the application before new ones are dropped.
 const MESSAGE_QUEUE: usize = 1024;
 
-/// How the primary dispatches connections (`ROUNDHOUSE_POLICY`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Policy {
-    /// `rr`: the primary accepts and hands connections round-robin.
-    RoundRobin,
-    /// `least-conn`: the primary accepts and hands each connection to the least busy worker.
-    LeastConn,
-    /// `none`: every worker accepts on the primary's shared listeners.
-    None,
-    /// `reuseport`: each worker accepts on its own `SO_REUSEPORT` listeners.
-    ReusePort,
-}
-
-impl Policy {
-    /// The name used on the command line and in `ROUNDHOUSE_POLICY`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Policy::RoundRobin => "rr",
-            Policy::LeastConn => "least-conn",
-            Policy::None => "none",
-            Policy::ReusePort => "reuseport",
-        }
-    }
-
-    /// True when the primary accepts and hands connections over the channel; false when the
-    /// worker accepts on inherited listeners.
-    pub fn hands_off(self) -> bool {
-        matches!(self, Policy::RoundRobin | Policy::LeastConn)
-    }
-}
-
-impl std::fmt::Display for Policy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for Policy {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        Ok(match s {
-            "rr" => Policy::RoundRobin,
-            "least-conn" => Policy::LeastConn,
-            "none" => Policy::None,
-            "reuseport" => Policy::ReusePort,
-            _ => return Err(()),
-        })
-    }
-}
+/// How the primary dispatches connections (`ROUNDHOUSE_POLICY`); shared with the primary.
+pub use roundhouse_proto::Policy;
 
 /// A JSON message from the primary or another worker.
 #[derive(Debug, Clone, PartialEq)]
