@@ -9,9 +9,9 @@
 #   --duration S        measured seconds per cell (default 10; --quick: 2)
 #   --warmup S          warm-up seconds per cell, not measured (default 3; --quick: 1)
 #   --policies LIST     comma-separated rows to run (default:
-#                       rr,least-conn,none,reuseport,node-rr,node-none; node-* are skipped
-#                       without node). `roundhouse-node-rr` (roundhouse --node running an
-#                       unmodified Node app) is a hook for when --node works; not in the default.
+#                       rr,least-conn,none,reuseport,node-rr,node-none,roundhouse-node-rr;
+#                       the Node rows are skipped without node). `roundhouse-node-rr` is
+#                       roundhouse --node running the same Node app, unmodified, without cluster.
 #   --workloads LIST    keep-alive,conn-per-request,mixed (default: all three)
 #   --connections C     wrk connections (default 64)
 #   --threads T         wrk threads (default 2)
@@ -38,7 +38,7 @@ QUICK=0
 WORKERS=$(nproc 2>/dev/null || echo 2)
 DURATION=
 WARMUP=
-POLICIES=rr,least-conn,none,reuseport,node-rr,node-none
+POLICIES=rr,least-conn,none,reuseport,node-rr,node-none,roundhouse-node-rr
 WORKLOADS=keep-alive,conn-per-request,mixed
 CONNECTIONS=64
 THREADS=2
@@ -287,10 +287,8 @@ start_server() {
         --admin 127.0.0.1:0 --sched "$([[ $name == node-rr ]] && echo SCHED_RR || echo SCHED_NONE)")
       ;;
     roundhouse-node-rr)
-      # Hook for issue 8: roundhouse runs the unmodified Node app (node-cluster.js --standalone,
-      # a plain http server, no cluster) with --node, its listen() served by the primary.
-      # Not in the default list and not verified until `roundhouse run --node` works; once it
-      # does, add it to the default POLICIES above and to POLICY_ORDER in bench_report.py.
+      # Issue 8: roundhouse runs the unmodified Node app (node-cluster.js --standalone, a plain
+      # http server, no cluster) with --node, its listen() served by the primary.
       cmd=("$RH" run --node -l 127.0.0.1:0 --admin 127.0.0.1:0 --control "$TMP/$name.sock"
         -w "$WORKERS" --policy rr -- node "$ROOT/scripts/node-cluster.js" --standalone
         --listen 127.0.0.1:0)
