@@ -48,6 +48,10 @@ use crate::Message;
 
 /// Most `STATS` frames per second: one per this interval.
 pub(crate) const STATS_INTERVAL: Duration = Duration::from_millis(100);
+/// Under `least-conn` the primary picks by open connections, which it learns from `STATS`:
+/// report closes sooner so its view does not lag by a tenth of a second (still coalesced: at
+/// most 100 frames a second).
+pub(crate) const STATS_INTERVAL_LEAST_CONN: Duration = Duration::from_millis(10);
 /// A worker that has sent nothing for this long sends a `HEARTBEAT`: `ROUNDHOUSE_HEARTBEAT_MS`
 /// (set by the primary to a quarter of its `--heartbeat-timeout`), else 1 s.
 pub(crate) fn heartbeat_interval() -> Duration {
@@ -238,6 +242,8 @@ pub(crate) struct Channel {
     stats_armed: bool,
     stats_timer: Pin<Box<Sleep>>,
     heartbeat: Pin<Box<Sleep>>,
+    /// Least time between two `STATS` frames.
+    stats_interval: Duration,
 }
 
 impl Channel {
@@ -248,6 +254,7 @@ impl Channel {
         draining: watch::Sender<bool>,
         closed: watch::Sender<Option<Closed>>,
         exit_on_close: bool,
+        stats_interval: Duration,
     ) -> Self {
         let now = Instant::now();
         Channel {
@@ -257,6 +264,7 @@ impl Channel {
             draining,
             closed,
             exit_on_close,
+            stats_interval,
             out: VecDeque::new(),
             pool: Vec::new(),
             acks: Vec::new(),
@@ -461,7 +469,7 @@ impl Channel {
 
     fn arm_stats(&mut self) {
         self.stats_armed = true;
-        let at = (self.last_stats_at + STATS_INTERVAL).max(Instant::now());
+        let at = (self.last_stats_at + self.stats_interval).max(Instant::now());
         self.stats_timer.as_mut().reset(at);
     }
 
@@ -482,7 +490,7 @@ impl Channel {
         self.stats_armed = true;
         self.stats_timer
             .as_mut()
-            .reset(Instant::now() + STATS_INTERVAL);
+            .reset(Instant::now() + self.stats_interval);
     }
 
     fn send_stats_if_changed(&mut self) {

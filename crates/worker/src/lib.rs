@@ -234,6 +234,11 @@ impl WorkerBuilder {
             draining_tx,
             closed_tx,
             self.exit_on_close,
+            if self.policy == Policy::LeastConn {
+                channel::STATS_INTERVAL_LEAST_CONN
+            } else {
+                channel::STATS_INTERVAL
+            },
         );
         let span = tracing::info_span!("worker", worker.id = self.id);
         handle.spawn(channel.run(fd, cmds_rx).instrument(span));
