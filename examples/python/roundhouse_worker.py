@@ -76,7 +76,8 @@ EX_SOFTWARE = 70  # a malformed frame from the primary (same status as the Rust 
 
 # --- tunables -----------------------------------------------------------------------------------
 
-STATS_INTERVAL = 0.1
+# Under least-conn the primary picks by open connections: report closes sooner (protocol.md 4.4).
+STATS_INTERVAL = 0.01 if os.environ.get("ROUNDHOUSE_POLICY") == "least-conn" else 0.1
 # A quarter of the primary's --heartbeat-timeout, when it says so (docs/protocol.md section 1).
 HEARTBEAT_INTERVAL = max(0.01, int(os.environ.get("ROUNDHOUSE_HEARTBEAT_MS", "1000")) / 1000.0)
 IO_TIMEOUT = 30.0  # a started request, or a response write, must progress within this
