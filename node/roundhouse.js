@@ -32,7 +32,7 @@
   const policy = env.ROUNDHOUSE_POLICY || 'rr';
   const handoff = policy === 'rr' || policy === 'least-conn';
   // Under least-conn the primary picks by open connections: report closes sooner.
-  const STATS_EVERY_MS = process.env.ROUNDHOUSE_POLICY === 'least-conn' ? 10 : 100;
+  const STATS_EVERY_MS = policy === 'least-conn' ? 10 : 100;
   const HEARTBEAT_EVERY_MS = Math.max(10, Number(process.env.ROUNDHOUSE_HEARTBEAT_MS) || 1000);
 
   // Listener addresses in `-l` order ("127.0.0.1:8000,[::1]:8001"), for `server.address()`.
