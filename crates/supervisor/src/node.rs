@@ -98,12 +98,12 @@ impl NodeCodec {
             return false;
         }
         self.in_flight = Some(rec.id);
-        out.extend_from_slice(
-            format!(
-                "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{{\"cmd\":\"NODE_ROUNDHOUSE_CONN\",\"id\":{},\"listener\":{}}}}}\n",
-                rec.id, rec.listener
-            )
-            .as_bytes(),
+        // Written in place: the handoff path allocates nothing per connection.
+        use std::io::Write as _;
+        let _ = write!(
+            out,
+            "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{{\"cmd\":\"NODE_ROUNDHOUSE_CONN\",\"id\":{},\"listener\":{}}}}}\n",
+            rec.id, rec.listener
         );
         true
     }
