@@ -100,9 +100,9 @@ impl NodeCodec {
         self.in_flight = Some(rec.id);
         // Written in place: the handoff path allocates nothing per connection.
         use std::io::Write as _;
-        let _ = write!(
+        let _ = writeln!(
             out,
-            "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{{\"cmd\":\"NODE_ROUNDHOUSE_CONN\",\"id\":{},\"listener\":{}}}}}\n",
+            "{{\"cmd\":\"NODE_HANDLE\",\"type\":\"net.Native\",\"msg\":{{\"cmd\":\"NODE_ROUNDHOUSE_CONN\",\"id\":{},\"listener\":{}}}}}",
             rec.id, rec.listener
         );
         true
