@@ -1,6 +1,7 @@
 //! Frame encoding and decoding (see `docs/protocol.md`, sections 3 and 5).
 //!
-//! Decoding never allocates and never panics on any input: every length is checked before it is
+//! Decoding never panics on any input and allocates only to check a `MESSAGE`'s JSON (never on
+//! the connection path: `CONNS`, `ACK`, `REFUSE`, `STATS`): every length is checked before it is
 //! used, and anything that is not exactly a valid frame is a [`FrameError`]. The decoders borrow
 //! from the receive buffer, so the per-connection path (a `CONNS` batch, an `ACK` batch) costs a
 //! few bounds checks.
