@@ -1517,3 +1517,38 @@ fn send_to_an_unknown_worker_exits_1_and_bad_json_exits_2() {
     assert!(pid_alive(p.pid()));
     load(p.addr(), 1, 2);
 }
+
+/// least-conn at scale: the choice comes from a heap, not a scan. With 16 workers: hold 8
+/// connections open, run 8 short ones (under plain rotation the next pick would be an occupied
+/// worker again), then hold 8 more: every held connection must land on a worker with none open,
+/// so the 16 land on 16 different workers.
+#[test]
+fn least_conn_spreads_held_connections_over_sixteen_workers_one_each() {
+    let (_p, addr, admin) = start_with_admin("least-conn", 16);
+    let mut held = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut hold = |i: usize, held: &mut Vec<HttpConn>| {
+        let (c, id) = held_connection(addr, &format!("held connection {i}"));
+        assert!(
+            seen.insert(id),
+            "least-conn gave held connection {i} to worker {id}, which already had one open \
+             (workers with one so far: {seen:?})"
+        );
+        held.push(c);
+    };
+    for i in 0..8 {
+        hold(i, &mut held);
+    }
+    load(addr, 1, 8);
+    wait_stats(admin, "only the 8 held connections open", SETTLE, |s| {
+        active_sum(s) == 8 && total(s, "requests_total") == 16
+    });
+    for i in 8..16 {
+        hold(i, &mut held);
+    }
+    let want: BTreeMap<u32, u64> = (1..=16).map(|id| (id, 1)).collect();
+    wait_stats(admin, "one open connection per worker", SETTLE, |s| {
+        per_worker(s, "connections_active") == want
+    });
+    drop(held);
+}
