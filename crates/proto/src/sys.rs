@@ -200,20 +200,6 @@ pub fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Clears `FD_CLOEXEC` on `fd`. Only for use in a freshly forked child before `exec`.
-pub fn clear_cloexec(fd: RawFd) -> io::Result<()> {
-    // SAFETY: fcntl on an integer fd has no memory-safety requirements.
-    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
-    if flags < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: as above.
-    if unsafe { libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

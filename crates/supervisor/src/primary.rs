@@ -2010,18 +2010,25 @@ impl Primary {
         let policy = self.cfg.policy;
         let mut workers = Vec::new();
         let mut totals = Totals::default();
-        for s in self.slots.iter() {
-            if !s.wanted && s.current.is_none() && self.slot_empty((s.id - 1) as usize) {
+        // One pass over the processes (a slot may have two during a reload), not one per slot:
+        // with 1024 workers a scrape must stay cheap for the owner thread.
+        let mut active_by_slot = vec![0u64; self.slots.len()];
+        let mut processes_by_slot = vec![0u32; self.slots.len()];
+        for w in self.workers.iter().flatten() {
+            if let Some(i) = (w.slot as usize)
+                .checked_sub(1)
+                .filter(|&i| i < self.slots.len())
+            {
+                active_by_slot[i] += w.active(policy);
+                processes_by_slot[i] += 1;
+            }
+        }
+        for (i, s) in self.slots.iter().enumerate() {
+            if !s.wanted && s.current.is_none() && processes_by_slot[i] == 0 {
                 continue;
             }
             let current = s.current.and_then(|k| self.workers[k].as_ref());
-            let active: u64 = self
-                .workers
-                .iter()
-                .flatten()
-                .filter(|w| w.slot == s.id)
-                .map(|w| w.active(policy))
-                .sum();
+            let active = active_by_slot[i];
             let pid = current.map(|w| w.pid);
             workers.push(WorkerStats {
                 id: s.id,
