@@ -427,9 +427,11 @@ fn cli_reload_under_load_returns_when_done_and_fails_no_request() {
     });
 }
 
-#[test]
-fn a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving() {
-    let b = Primary::builder().workers(2).args(&["--grace", "5s"]);
+/// A primary builder (`-w n`, `--grace 5s`) whose workers are hello-worker behind a script that
+/// refuses to start (exit 1) while the returned flag file exists: the way to make new workers
+/// fail on demand, e.g. for a reload.
+fn flag_gated_workers(n: usize) -> (PrimaryBuilder, PathBuf) {
+    let b = Primary::builder().workers(n).args(&["--grace", "5s"]);
     let flag = b.temp_dir().join("do-not-start");
     let script = b.temp_dir().write_script(
         "worker.sh",
@@ -439,7 +441,13 @@ fn a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving() {
             hello_worker()
         ),
     );
-    let p = b.cmd(&[script.display().to_string()]).start();
+    (b.cmd(&[script.display().to_string()]), flag)
+}
+
+#[test]
+fn a_reload_whose_new_workers_cannot_start_keeps_the_old_ones_serving() {
+    let (b, flag) = flag_gated_workers(2);
+    let p = b.start();
     p.wait_ready();
     let addr = p.addr();
     let before = p.worker_pids();
@@ -1166,17 +1174,7 @@ fn the_embedding_example_gives_up_after_too_many_crashes() {
 
 #[test]
 fn notify_socket_gets_ready_reloading_and_stopping() {
-    let b = Primary::builder().workers(2).args(&["--grace", "5s"]);
-    let flag = b.temp_dir().join("do-not-start");
-    let script = b.temp_dir().write_script(
-        "worker.sh",
-        &format!(
-            "#!/bin/sh\nif [ -e '{}' ]; then exit 1; fi\nexec '{}' \"$@\"\n",
-            flag.display(),
-            hello_worker()
-        ),
-    );
-    let b = b.cmd(&[script.display().to_string()]);
+    let (b, flag) = flag_gated_workers(2);
     let path = b.temp_dir().join("notify.sock");
     let sock = UnixDatagram::bind(&path).unwrap();
     sock.set_read_timeout(Some(secs(20))).unwrap();
