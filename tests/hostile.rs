@@ -575,6 +575,9 @@ fn out_of_fds_the_primary_backs_off_logs_once_per_episode_and_recovers() {
             "the exhaustion is logged once per episode: {:?}",
             p.lines_matching("could not accept")
         );
+        // The episode ends when the primary says so (backlog drained, or a second without
+        // running out), promptly.
+        p.wait_for_count("accepting again", episode, Duration::from_secs(5));
     }
     let _ = cpu_shares;
 }

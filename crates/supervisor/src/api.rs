@@ -12,6 +12,7 @@
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::events::ExitInfo;
 use crate::stats::StatsSnapshot;
 
 /// A request to the owner task. The owner must answer every `reply` (dropping it unanswered
@@ -27,20 +28,24 @@ pub enum Request {
     /// stays. Uptime is not reset.
     ResetStats { reply: oneshot::Sender<()> },
     /// Replace every worker one by one (as SIGHUP). `Err` carries a one-line reason.
+    /// Answered when every worker serving was started after the request (a reload asked for
+    /// while one runs is not merged into it: it runs next).
     Reload {
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), OpError>>,
     },
-    /// Set the number of workers (the control server has checked `1..=1024`).
+    /// Set the number of workers. A scale-up is answered once every added worker is online
+    /// (or with the error of one that failed to start); a scale-down once the removed workers
+    /// are told to drain.
     Scale {
         workers: u32,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), OpError>>,
     },
     /// Deliver a JSON message to workers, as if the primary sent it. `Err` for an unknown
     /// worker id.
     Send {
         to: Target,
         message: Value,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), OpError>>,
     },
     /// Begin a graceful stop (as SIGTERM). Reply once the stop has begun; the control server
     /// keeps the requesting connection open until the process exits, so the client can wait
@@ -56,15 +61,35 @@ pub enum Target {
     Worker(u32),
 }
 
+/// Why the owner refused or failed a request. Messages are lowercase and carry no prefix: the
+/// edge (control server, CLI, log) says what failed ("reload failed: …") once.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpError {
+    #[error("the primary is stopping")]
+    Stopping,
+    #[error("worker count must be 1..={max}, got {0}", max = crate::config::MAX_WORKERS)]
+    WorkerCount(u32),
+    #[error("could not bind the listeners of worker {id}: {why}")]
+    Bind { id: u32, why: String },
+    #[error("could not start a new worker {0}")]
+    StartFailed(u32),
+    #[error("new worker {id} exited ({status}) before it was online")]
+    ExitedBeforeOnline { id: u32, status: ExitInfo },
+    #[error("no worker with id {0}")]
+    NoSuchWorker(u32),
+    #[error("message too large ({0} bytes)")]
+    MessageTooLarge(usize),
+}
+
 /// Why a request got no answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
     /// The owner task is gone (the primary is stopping) or dropped the reply.
     #[error("the primary is shutting down")]
     Gone,
-    /// The owner refused or failed the request; the message says why.
-    #[error("{0}")]
-    Failed(String),
+    /// The owner refused or failed the request.
+    #[error(transparent)]
+    Failed(#[from] OpError),
 }
 
 /// Creates the request queue: the client for admin and control, the receiver for the owner.
@@ -138,12 +163,12 @@ mod tests {
                         let _ = reply.send(if workers == 3 {
                             Ok(())
                         } else {
-                            Err(format!("cannot scale to {workers}"))
+                            Err(OpError::WorkerCount(workers))
                         });
                     }
                     Request::Send { to, reply, .. } => {
                         let _ = reply.send(match to {
-                            Target::Worker(9) => Err("no worker 9".into()),
+                            Target::Worker(9) => Err(OpError::NoSuchWorker(9)),
                             _ => Ok(()),
                         });
                     }
@@ -160,7 +185,7 @@ mod tests {
         assert_eq!(api.scale(3).await, Ok(()));
         assert_eq!(
             api.scale(4).await,
-            Err(ApiError::Failed("cannot scale to 4".into()))
+            Err(ApiError::Failed(OpError::WorkerCount(4)))
         );
         assert_eq!(api.send(Target::All, Value::Null).await, Ok(()));
         assert_eq!(
@@ -168,7 +193,7 @@ mod tests {
                 .await
                 .unwrap_err()
                 .to_string(),
-            "no worker 9"
+            "no worker with id 9"
         );
         assert_eq!(api.reload().await, Err(ApiError::Gone));
         assert_eq!(api.stop().await, Ok(()));
@@ -192,8 +217,8 @@ pub(crate) mod fake {
     pub(crate) struct Owner {
         pub snapshot: Arc<Mutex<StatsSnapshot>>,
         pub log: Arc<Mutex<Vec<String>>>,
-        /// When set, `Reload` fails with this message.
-        pub reload_error: Arc<Mutex<Option<String>>>,
+        /// When set, `Reload` fails with this error.
+        pub reload_error: Arc<Mutex<Option<OpError>>>,
     }
 
     impl Owner {
@@ -294,7 +319,7 @@ pub(crate) mod fake {
                             say(format!("send {to:?} {message}"));
                             let _ = reply.send(Ok(()));
                         } else if let Target::Worker(id) = to {
-                            let _ = reply.send(Err(format!("no worker with id {id}")));
+                            let _ = reply.send(Err(OpError::NoSuchWorker(id)));
                         }
                     }
                     Request::Stop { reply } => {

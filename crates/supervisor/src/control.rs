@@ -768,11 +768,11 @@ mod tests {
             request(&path, &json!({"cmd": "reload"})).unwrap(),
             json!({"ok": true})
         );
-        *server.owner.reload_error.lock().unwrap() = Some("worker 2 did not come online".into());
+        *server.owner.reload_error.lock().unwrap() = Some(crate::api::OpError::StartFailed(2));
         let err = request(&path, &json!({"cmd": "reload"})).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "reload failed: worker 2 did not come online"
+            "reload failed: could not start a new worker 2"
         );
 
         assert_eq!(

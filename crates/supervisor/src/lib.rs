@@ -40,15 +40,16 @@ pub mod notify;
 mod primary;
 pub mod spawn;
 pub mod stats;
+mod sys;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 
-pub use api::{ApiClient, Request, Target};
+pub use api::{ApiClient, ApiError, OpError, Request, Target};
 pub use config::{parse_duration, Config, Policy, MAX_WORKERS};
 pub use events::{Event, ExitInfo};
 pub use stats::StatsSnapshot;
@@ -163,6 +164,8 @@ pub struct Handle {
     first_events: std::sync::Mutex<Option<broadcast::Receiver<Event>>>,
     admin_addr: Option<SocketAddr>,
     thread: std::thread::JoinHandle<Result<(), RunError>>,
+    /// The admin/control thread; it ends when the primary does.
+    surfaces: std::thread::JoinHandle<()>,
     done: tokio::sync::oneshot::Receiver<()>,
 }
 
@@ -182,15 +185,26 @@ impl Handle {
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
     }
-    /// Waits (blocking) until the primary has stopped.
+    /// Waits (blocking) until the primary has stopped, and its admin endpoint and control
+    /// socket are closed.
     pub fn join(self) -> Result<(), RunError> {
-        self.thread.join().unwrap_or(Err(RunError::Panicked))
+        let result = self.thread.join().unwrap_or(Err(RunError::Panicked));
+        let _ = self.surfaces.join();
+        result
     }
-    /// Waits (async) until the primary has stopped.
+    /// Waits (async) until the primary has stopped, and its admin endpoint and control socket
+    /// are closed.
     pub async fn wait(self) -> Result<(), RunError> {
-        let Handle { thread, done, .. } = self;
+        let Handle {
+            thread,
+            surfaces,
+            done,
+            ..
+        } = self;
         let _ = done.await;
-        thread.join().unwrap_or(Err(RunError::Panicked))
+        let result = thread.join().unwrap_or(Err(RunError::Panicked));
+        let _ = surfaces.join();
+        result
     }
 }
 
@@ -247,15 +261,16 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
         cfg.node_shim = Some(path.clone());
         written_shim = Some(path);
     }
-    let (tx, rx) = mpsc::channel(64);
-    let api = ApiClient(tx);
+    let (api, rx) = api::channel(64);
     let (events, first_events) = broadcast::channel(1024);
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let thread_events = events.clone();
     // Admin and control run on a thread of their own so a scrape or a slow client never takes
     // the owner's (accept path's) time; they reach the owner only through the ApiClient.
+    // They end when the primary's thread drops `surfaces_stop` (as it ends, however it ends).
     let surfaces_api = api.clone();
-    std::thread::Builder::new()
+    let (surfaces_stop, surfaces_stopped) = tokio::sync::oneshot::channel::<()>();
+    let surfaces = std::thread::Builder::new()
         .name("roundhouse-admin".into())
         .spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
@@ -269,20 +284,26 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
                 }
             };
             rt.block_on(async move {
-                if let Some(l) = admin {
-                    match tokio::net::TcpListener::from_std(l) {
-                        Ok(l) => {
-                            if let Ok(addr) = l.local_addr() {
-                                tracing::info!(admin.addr = %addr, "admin listening");
+                let surfaces = async move {
+                    if let Some(l) = admin {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                if let Ok(addr) = l.local_addr() {
+                                    tracing::info!(admin.addr = %addr, "admin listening");
+                                }
+                                tokio::spawn(admin::serve_admin(l, surfaces_api.clone()));
                             }
-                            tokio::spawn(admin::serve_admin(l, surfaces_api.clone()));
+                            Err(e) => tracing::error!("could not serve the admin endpoint: {e}"),
                         }
-                        Err(e) => tracing::error!("could not serve the admin endpoint: {e}"),
                     }
-                }
-                match tokio::net::UnixListener::from_std(control) {
-                    Ok(l) => control::serve_control(l, surfaces_api).await,
-                    Err(e) => tracing::error!("could not serve the control socket: {e}"),
+                    match tokio::net::UnixListener::from_std(control) {
+                        Ok(l) => control::serve_control(l, surfaces_api).await,
+                        Err(e) => tracing::error!("could not serve the control socket: {e}"),
+                    }
+                };
+                tokio::select! {
+                    () = surfaces => {}
+                    _ = surfaces_stopped => {}
                 }
             });
         })?;
@@ -290,6 +311,7 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
         .name("roundhouse-primary".into())
         .spawn(move || {
             let _done = done_tx;
+            let _surfaces = surfaces_stop;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -309,6 +331,7 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
         first_events: std::sync::Mutex::new(Some(first_events)),
         admin_addr,
         thread,
+        surfaces,
         done,
     })
 }

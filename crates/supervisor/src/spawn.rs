@@ -9,6 +9,8 @@
 //! signal mask and `SIGPIPE`, join a new process group, set `PR_SET_PDEATHSIG`, `execve`. An exec
 //! failure travels back over a close-on-exec pipe (as std does), so "not found" or "not
 //! executable" is one clear error in the parent instead of a worker that exits 127 in a loop.
+//! The parent does not wait for that pipe ([`spawn_nowait`]): the owner loop watches it with its
+//! reactor, so starting many workers never holds up accepting connections.
 //!
 //! Every fd the primary owns is close-on-exec; the child clears that flag only on the fds it
 //! must keep, by `dup2`-ing them to their final numbers. So a worker inherits 0, 1, 2, its
@@ -86,8 +88,91 @@ pub struct SpawnSpec<'a> {
 
 const PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";
 
-/// Forks and executes the worker. Returns its pid once `execve` has succeeded.
+/// A forked worker whose `execve` may not have happened yet.
+///
+/// The child reports an exec failure as 4 bytes (its errno) on a close-on-exec pipe, so the
+/// read end reaching end-of-file means `execve` succeeded. The read end is non-blocking: the
+/// owner registers it with its reactor and learns the outcome without waiting for it, so a
+/// thousand workers starting never stall the accept path.
+#[derive(Debug)]
+pub struct Forked {
+    pub pid: u32,
+    /// Read end of the exec-status pipe (non-blocking, close-on-exec).
+    pub exec_status: OwnedFd,
+}
+
+/// What the exec-status pipe says.
+#[derive(Debug)]
+pub enum ExecStatus {
+    /// The child has not reached `execve` yet.
+    Pending,
+    /// `execve` succeeded.
+    Done,
+    /// The child could not execute the command (it has `_exit`ed with 127).
+    Failed(io::Error),
+}
+
+/// Reads the exec-status pipe without blocking.
+pub fn exec_status(fd: &OwnedFd) -> ExecStatus {
+    let mut buf = [0u8; 4];
+    // SAFETY: reading into a live 4-byte buffer from a pipe we own. The child writes its errno
+    // with one `write` of 4 bytes (atomic on a pipe), so we see all of it or nothing.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, 4) };
+    match n {
+        0 => ExecStatus::Done,
+        4 => ExecStatus::Failed(io::Error::from_raw_os_error(i32::from_ne_bytes(buf))),
+        n if n < 0 => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => ExecStatus::Pending,
+                _ => ExecStatus::Failed(e),
+            }
+        }
+        _ => ExecStatus::Failed(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "short exec-status report",
+        )),
+    }
+}
+
+/// Forks and executes the worker, waiting (blocking) until `execve` has succeeded. Returns its
+/// pid. The owner loop uses [`spawn_nowait`]; this is for simple embedders and tests.
 pub fn spawn(spec: &SpawnSpec<'_>) -> Result<u32, SpawnError> {
+    let forked = spawn_nowait(spec)?;
+    let fd = forked.exec_status.as_raw_fd();
+    loop {
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on a pipe we own.
+        unsafe { libc::poll(&mut pfd, 1, -1) };
+        match exec_status(&forked.exec_status) {
+            ExecStatus::Pending => continue,
+            ExecStatus::Done => return Ok(forked.pid),
+            ExecStatus::Failed(source) => {
+                reap_failed(forked.pid);
+                return Err(SpawnError::Exec {
+                    path: spec.path.display().to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Reaps a child that reported an exec failure (it `_exit`s right after), so it is no zombie.
+pub fn reap_failed(pid: u32) {
+    let mut status = 0;
+    // SAFETY: waiting for our own child, which has exited or is about to.
+    unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+}
+
+/// Forks the worker and returns at once; see [`Forked`] for how to learn whether `execve`
+/// succeeded. The child is in its own process group (set on both sides of the fork, so the
+/// group exists before either returns and a signal to it cannot miss).
+pub fn spawn_nowait(spec: &SpawnSpec<'_>) -> Result<Forked, SpawnError> {
     let cstr =
         |b: Vec<u8>| CString::new(b).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
     let path_c = cstr(spec.path.as_os_str().as_bytes().to_vec())?;
@@ -154,44 +239,26 @@ pub fn spawn(spec: &SpawnSpec<'_>) -> Result<u32, SpawnError> {
         }
     }
     drop(err_w);
-    // Wait for exec: EOF means it succeeded (the pipe is close-on-exec); 4 bytes are an errno.
-    let mut buf = [0u8; 4];
-    let mut got = 0;
-    loop {
-        // SAFETY: reading into a live 4-byte buffer from a pipe we own.
-        let n = unsafe {
-            libc::read(
-                err_r.as_raw_fd(),
-                buf[got..].as_mut_ptr() as *mut libc::c_void,
-                4 - got,
-            )
-        };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e.into());
-        }
-        if n == 0 {
-            break;
-        }
-        got += n as usize;
-        if got == 4 {
-            break;
-        }
-    }
-    if got == 0 {
-        return Ok(pid as u32);
-    }
-    // The child failed before or at exec and has _exited; reap it so it is no zombie.
-    let mut status = 0;
-    // SAFETY: waiting for our own child.
-    unsafe { libc::waitpid(pid, &mut status, 0) };
-    Err(SpawnError::Exec {
-        path: spec.path.display().to_string(),
-        source: io::Error::from_raw_os_error(i32::from_ne_bytes(buf)),
+    // Join the group on the parent's side too (the classic race: either may run first).
+    // SAFETY: setpgid on our own child; EACCES after its exec is harmless.
+    unsafe { libc::setpgid(pid, pid) };
+    set_nonblocking(&err_r)?;
+    Ok(Forked {
+        pid: pid as u32,
+        exec_status: err_r,
     })
+}
+
+fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: fcntl on an fd we own.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0
+        || unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn pipe_cloexec() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -1,0 +1,820 @@
+//! The primary's owner task: one loop that owns every worker, listener and counter, in rooms.
+//!
+//! # Theory of operation
+//!
+//! Everything that happens to the primary arrives here as a wake-up of one `poll_fn`
+//! ([`Primary::poll_wake`]): an API request (admin, control, signals, an embedding program), a
+//! child exit (`SIGCHLD`), the housekeeping tick, a worker's exec-status pipe, a worker channel
+//! becoming readable or writable again, a listener with connections waiting, or workers due to
+//! be started. Nothing else touches the state, so there are no locks; readers get snapshots.
+//! Each wake-up is handled by one room, then [`Primary::settle`] rebuilds the rotation if a
+//! worker came or went and hands out what is held. No handler calls back into dispatch: a room
+//! that retires a worker only marks the rotation dirty.
+//!
+//! The rooms, each in its own file, with types at their borders:
+//! - **loop** (this file): the wake-ups, the accept path, reading worker frames.
+//! - **dispatch** ([`dispatch`]): the held queue, the rotation, the least-conn heap. Pure.
+//! - **link** ([`link`]): one worker's channel, its codec (roundhouse or Node), the connections
+//!   in flight on it and its outbox; every write goes through the reactor's readiness.
+//! - **lifecycle** ([`lifecycle`]): worker states as an enum whose variants carry their
+//!   deadlines, starting (fork without waiting for `execve`), the one `retire` path, reaping,
+//!   restart backoff.
+//! - **operations** ([`ops`]): stop, the reload queue, recycle, scale, statistics.
+//!
+//! The hot path is `accept_from` → `dispatch` → `flush`: accept until `EAGAIN` into the bounded
+//! held queue, assign each held connection to the next eligible worker (a per-worker batch, no
+//! allocation), then one `sendmsg` per worker carrying up to 32 fds. The primary keeps its copy
+//! of every fd in the worker's window until the worker acknowledges it, so a worker that dies
+//! or refuses before acknowledging costs the client nothing: the connection goes back to the
+//! front of the held queue and on to the next worker.
+
+mod dispatch;
+mod lifecycle;
+mod link;
+mod ops;
+
+use std::ffi::OsString;
+use std::future::poll_fn;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use roundhouse_proto::frame::{self, FrameError, Stats as WireStats};
+use roundhouse_proto::{Recipient, WorkerFrame, CONNS_MAX, MAX_FRAME};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, error, info, warn};
+
+use crate::api::Request;
+use crate::config::{Config, Policy};
+use crate::events::Event;
+use crate::node::NodeEvent;
+use crate::RunError;
+
+use dispatch::Dispatch;
+use lifecycle::{Life, Pool, Retire};
+use link::{Control, Queued};
+use ops::Ops;
+
+/// Connections the primary holds while no worker can take them; past this it stops accepting
+/// and the kernel backlog holds the rest.
+pub(crate) const MAX_HELD: usize = 1024;
+/// Frames read from a worker that has just exited (its last words).
+const READ_ON_EXIT: usize = 1024;
+/// Connections accepted per listener per wake-up, so acks and exits are not starved.
+const ACCEPT_BURST: usize = 256;
+/// Frames read from one worker per wake-up.
+const READ_BURST: usize = 64;
+/// Housekeeping tick: timeouts, restarts, retries.
+const TICK: Duration = Duration::from_millis(50);
+/// Pause after `accept` fails for lack of fds (EMFILE and friends), unless an fd of ours closes
+/// first (a worker acknowledges a connection, a worker goes away).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a worker that refused a connection while online is skipped.
+const REFUSE_COOLDOWN: Duration = Duration::from_millis(100);
+/// How long a worker is skipped after `sendmsg` said too many fds are in flight.
+const TOO_MANY_REFS_COOLDOWN: Duration = Duration::from_millis(10);
+
+/// A connection the primary has accepted and still owns a copy of.
+pub(crate) struct Conn {
+    id: u64,
+    stream: TcpStream,
+    listener: u16,
+    peer: SocketAddr,
+    /// When it was last handed to a worker (for the ack deadline).
+    sent_at: Instant,
+}
+
+/// A worker broke the protocol: it is killed and replaced.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProtocolError {
+    #[error("sent an oversized frame")]
+    Oversized,
+    #[error("sent fds (control data truncated)")]
+    FdsTruncated,
+    #[error("{0}")]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Node(String),
+    #[error("sent READY twice")]
+    ReadyTwice,
+    #[error("{verb} connection {id}, which it does not hold")]
+    UnknownConnection { verb: &'static str, id: u64 },
+    #[error("reported counters that went backwards")]
+    CountersBackwards,
+}
+
+enum Wake {
+    Request(Request),
+    RequestsClosed,
+    Child,
+    Tick,
+    Exec(usize),
+    Readable(usize),
+    Writable(usize),
+    Accept(usize),
+    Start,
+}
+
+/// The listeners the primary accepts on (handoff policies) and the fd-exhaustion pause.
+struct Accept {
+    on: Vec<AsyncFd<TcpListener>>,
+    paused_until: Option<Instant>,
+    /// An fd-exhaustion episode is running (logged once, and once when it ends): since when the
+    /// last `accept` failed for lack of fds. It ends at a drained backlog at least
+    /// [`ACCEPT_BACKOFF`] after the last failure, or a second after it.
+    starved: Option<Instant>,
+}
+
+pub(crate) struct Primary {
+    cfg: Config,
+    exe: PathBuf,
+    started: Instant,
+    /// Bound addresses, in `-l` order.
+    addrs: Vec<SocketAddr>,
+    accept: Accept,
+    /// `none`: listeners every worker receives; `reuseport`: the primary's first binds, closed
+    /// once the slots have their own.
+    shared: Vec<TcpListener>,
+    dispatch: Dispatch<Conn>,
+    /// A worker came or went (or its state changed): rebuild the rotation before dispatching.
+    rotation_dirty: bool,
+    pool: Pool,
+    ops: Ops,
+    next_conn_id: u64,
+    /// Workers with a batch assigned in this dispatch round.
+    dirty: Vec<usize>,
+    requests: mpsc::Receiver<Request>,
+    requests_open: bool,
+    events: broadcast::Sender<Event>,
+    sigchld: tokio::signal::unix::Signal,
+    tick: tokio::time::Interval,
+    last_drop_warning: Option<Instant>,
+    fatal: Option<RunError>,
+    scratch: Vec<u8>,
+    recv_buf: Box<[u8]>,
+    recv_fds: Vec<OwnedFd>,
+    poll_start: usize,
+}
+
+impl Primary {
+    pub(crate) fn new(
+        cfg: Config,
+        exe: PathBuf,
+        listeners: Vec<TcpListener>,
+        requests: mpsc::Receiver<Request>,
+        events: broadcast::Sender<Event>,
+    ) -> io::Result<Self> {
+        let addrs: Vec<SocketAddr> = listeners
+            .iter()
+            .map(|l| l.local_addr())
+            .collect::<io::Result<_>>()?;
+        let mut on = Vec::new();
+        let mut shared = Vec::new();
+        if cfg.policy.hands_off() {
+            for l in listeners {
+                on.push(crate::sys::register(l, Interest::READABLE)?);
+            }
+        } else {
+            shared = listeners;
+        }
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ok(Primary {
+            exe,
+            started: Instant::now(),
+            addrs,
+            accept: Accept {
+                on,
+                paused_until: None,
+                starved: None,
+            },
+            shared,
+            dispatch: Dispatch::new(cfg.policy == Policy::LeastConn, MAX_HELD),
+            rotation_dirty: false,
+            pool: Pool::default(),
+            ops: Ops::default(),
+            next_conn_id: 1,
+            dirty: Vec::with_capacity(64),
+            requests,
+            requests_open: true,
+            events,
+            sigchld: signal(SignalKind::child())?,
+            tick,
+            last_drop_warning: None,
+            fatal: None,
+            scratch: Vec::with_capacity(MAX_FRAME),
+            recv_buf: vec![0u8; MAX_FRAME].into_boxed_slice(),
+            recv_fds: Vec::with_capacity(CONNS_MAX + 8),
+            poll_start: 0,
+            cfg,
+        })
+    }
+
+    pub(crate) async fn run(mut self) -> Result<(), RunError> {
+        for addr in &self.addrs {
+            info!(listener.addr = %addr, "listening");
+        }
+        for id in 1..=self.cfg.workers {
+            self.add_slot(id)?;
+            self.pool
+                .request_start((id - 1) as usize, Duration::ZERO, false);
+        }
+        if self.cfg.policy == Policy::ReusePort {
+            // Every slot has its own listeners now; the primary's must leave the group (the
+            // kernel would queue connections on them that nobody accepts).
+            self.shared.clear();
+        }
+        loop {
+            let wake = poll_fn(|cx| self.poll_wake(cx)).await;
+            match wake {
+                Wake::Request(r) => self.on_request(r),
+                Wake::RequestsClosed => {
+                    self.requests_open = false;
+                    self.begin_stop(None);
+                }
+                Wake::Child => self.reap(),
+                Wake::Tick => self.on_tick(),
+                Wake::Exec(k) => self.resolve_exec(k),
+                Wake::Readable(k) => self.read_worker(k, READ_BURST, false),
+                Wake::Writable(k) => self.on_writable(k),
+                Wake::Accept(i) => self.accept_from(i),
+                Wake::Start => self.run_due_starts(),
+            }
+            self.settle();
+            if let Some(e) = self.fatal.take() {
+                self.kill_all();
+                return Err(e);
+            }
+            if self.ops.stopping() && self.pool.is_empty() {
+                self.ops.finish_stop();
+                info!("all workers stopped");
+                return Ok(());
+            }
+        }
+    }
+
+    // ----- waking up ---------------------------------------------------------------------
+
+    fn poll_wake(&mut self, cx: &mut Context<'_>) -> Poll<Wake> {
+        if self.requests_open {
+            match self.requests.poll_recv(cx) {
+                Poll::Ready(Some(r)) => return Poll::Ready(Wake::Request(r)),
+                Poll::Ready(None) => return Poll::Ready(Wake::RequestsClosed),
+                Poll::Pending => {}
+            }
+        }
+        if self.sigchld.poll_recv(cx).is_ready() {
+            return Poll::Ready(Wake::Child);
+        }
+        if self.tick.poll_tick(cx).is_ready() {
+            return Poll::Ready(Wake::Tick);
+        }
+        // Worker channels, starting from a rotating index so none is starved.
+        let n = self.pool.capacity();
+        for j in 0..n {
+            let k = (self.poll_start + j) % n;
+            let Some(w) = self.pool.get(k) else { continue };
+            if let Life::Spawned { exec, .. } = &w.life {
+                if exec.poll_read_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Exec(k));
+                }
+            }
+            let Some(link) = &w.link else { continue };
+            if link.poll_read_ready(cx) {
+                self.poll_start = k + 1;
+                return Poll::Ready(Wake::Readable(k));
+            }
+            if link.poll_write_ready(cx) {
+                return Poll::Ready(Wake::Writable(k));
+            }
+        }
+        if self.can_accept() {
+            for (i, l) in self.accept.on.iter().enumerate() {
+                if l.poll_read_ready(cx).is_ready() {
+                    return Poll::Ready(Wake::Accept(i));
+                }
+            }
+        }
+        // Last: starting workers never delays a connection that is waiting.
+        if self.pool.starts_due() && !self.ops.stopping() {
+            return Poll::Ready(Wake::Start);
+        }
+        Poll::Pending
+    }
+
+    fn can_accept(&self) -> bool {
+        !self.ops.stopping() && self.dispatch.can_hold() && self.accept.paused_until.is_none()
+    }
+
+    /// After every wake-up: the rotation follows the workers' states, and what is held goes out.
+    fn settle(&mut self) {
+        self.dispatch();
+    }
+
+    // ----- the hot path ------------------------------------------------------------------
+
+    fn accept_from(&mut self, i: usize) {
+        let listener_index = i as u16;
+        let now = Instant::now();
+        for _ in 0..ACCEPT_BURST {
+            if !self.dispatch.can_hold() {
+                break;
+            }
+            match self.accept.on[i].try_io(Interest::READABLE, |l| l.accept()) {
+                Ok((stream, peer)) => {
+                    let id = self.next_conn_id;
+                    self.next_conn_id += 1;
+                    self.dispatch.hold(Conn {
+                        id,
+                        stream,
+                        listener: listener_index,
+                        peer,
+                        sent_at: now,
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    // The backlog drained without running out of fds (and not just between
+                    // two failures of a burst): the episode is over.
+                    if self
+                        .accept
+                        .starved
+                        .is_some_and(|t| now.duration_since(t) >= ACCEPT_BACKOFF)
+                    {
+                        self.end_starvation();
+                    }
+                    break;
+                }
+                Err(e) => match e.raw_os_error() {
+                    Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
+                        if self.accept.starved.is_none() {
+                            warn!(listener.addr = %self.addrs[i], "could not accept: {e}; pausing accept until fds free up");
+                        }
+                        self.accept.starved = Some(now);
+                        self.accept.paused_until = Some(now + ACCEPT_BACKOFF);
+                        break;
+                    }
+                    // The client went away before we accepted (ECONNABORTED) and similar
+                    // per-connection errors: nothing to do but go on.
+                    _ => debug!("accept: {e}"),
+                },
+            }
+        }
+    }
+
+    /// Ends an fd-exhaustion episode (at a drained backlog, or a second without running out).
+    fn end_starvation(&mut self) {
+        if self.accept.starved.take().is_some() {
+            info!("accepting again: fds available");
+        }
+    }
+
+    /// One of our fds was closed: if accepting is paused for lack of fds, try again now.
+    fn fds_freed(&mut self) {
+        if self.accept.paused_until.is_some() {
+            self.accept.paused_until = None;
+        }
+    }
+
+    fn rebuild_rotation(&mut self) {
+        self.rotation_dirty = false;
+        let policy = self.cfg.policy;
+        let pool = &self.pool;
+        self.dispatch.set_rotation(
+            pool.slots()
+                .iter()
+                .filter_map(|s| s.current)
+                .filter(|&k| pool.get(k).is_some_and(|w| matches!(w.life, Life::Online)))
+                .map(|k| (k, pool.get(k).map_or(0, |w| w.load(policy)))),
+        );
+    }
+
+    /// Hands held connections to eligible workers, then flushes the batches.
+    fn dispatch(&mut self) {
+        let policy = self.cfg.policy;
+        loop {
+            if self.rotation_dirty {
+                self.rebuild_rotation();
+            }
+            if self.dispatch.held_len() == 0 || self.dispatch.rotation().is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            loop {
+                let pool = &self.pool;
+                let Some(k) = self
+                    .dispatch
+                    .pick(|k| pool.get(k).is_some_and(|w| w.can_take(now)))
+                else {
+                    break;
+                };
+                let Some(conn) = self.dispatch.next_held() else {
+                    break;
+                };
+                let w = self.pool.get_mut(k).expect("picked a live worker");
+                let link = w.link.as_mut().expect("an eligible worker has a link");
+                if link.assign(conn) {
+                    self.dirty.push(k);
+                }
+                let full = link.batch_full();
+                self.dispatch.set_load(k, w.load(policy));
+                if full {
+                    self.flush(k);
+                }
+                if self.dispatch.held_len() == 0 {
+                    break;
+                }
+            }
+            let mut requeued = false;
+            while let Some(k) = self.dirty.pop() {
+                requeued |= self.flush(k);
+            }
+            if !requeued {
+                return;
+            }
+        }
+    }
+
+    /// Sends worker `k`'s batch. Returns true if connections went back to the held queue.
+    fn flush(&mut self, k: usize) -> bool {
+        let policy = self.cfg.policy;
+        let Some(w) = self.pool.get_mut(k) else {
+            return false;
+        };
+        let Some(link) = w.link.as_mut() else {
+            return false;
+        };
+        if !link.has_batch() {
+            return false;
+        }
+        let now = Instant::now();
+        let err = match link.flush(&mut self.scratch, now) {
+            Ok(()) => {
+                self.dispatch.set_load(k, w.load(policy));
+                return false;
+            }
+            Err(e) => {
+                self.dispatch.give_back(link.take_batch());
+                e
+            }
+        };
+        self.dispatch.set_load(k, w.load(policy));
+        match err {
+            link::SendError::Blocked => {}
+            link::SendError::TooManyRefs => w.skip_until = Some(now + TOO_MANY_REFS_COOLDOWN),
+            link::SendError::Broken(e) => {
+                warn!(
+                    worker.id = w.slot,
+                    worker.pid = w.pid,
+                    "could not hand off to worker: {e}"
+                );
+                self.retire(k, Retire::Kill("its channel failed".into()));
+            }
+        }
+        true
+    }
+
+    // ----- reading worker frames --------------------------------------------------------
+
+    /// Reads and handles up to `burst` frames from worker `k`. `direct` reads without waiting
+    /// for the reactor's readiness (used after an exit, before the reactor has seen the EOF).
+    fn read_worker(&mut self, k: usize, burst: usize, direct: bool) {
+        if matches!(
+            self.pool.get(k).map(|w| &w.life),
+            Some(Life::Spawned { .. })
+        ) {
+            // It wrote to its channel, so it has exec'd: learn that first.
+            self.resolve_exec(k);
+        }
+        for _ in 0..burst {
+            let Some(w) = self.pool.get_mut(k) else {
+                return;
+            };
+            let Some(link) = w.link.as_mut() else { return };
+            let r = link.recv(&mut self.recv_buf, &mut self.recv_fds, direct);
+            let result = match r {
+                Ok(meta) if meta.len == 0 => {
+                    self.channel_closed(k);
+                    return;
+                }
+                Ok(meta) => {
+                    w.last_seen = Instant::now();
+                    // A worker never sends fds the primary keeps (a Node app's handle is
+                    // answered, its fd closed): close any at once.
+                    let nfds = self.recv_fds.len();
+                    self.recv_fds.clear();
+                    if let Some(node) = link.node() {
+                        node.feed(&self.recv_buf[..meta.len])
+                            .map_err(ProtocolError::Node)
+                            .and_then(|()| self.node_events(k))
+                    } else if meta.truncated {
+                        Err(ProtocolError::Oversized)
+                    } else if meta.fds_truncated {
+                        Err(ProtocolError::FdsTruncated)
+                    } else {
+                        let buf = std::mem::take(&mut self.recv_buf);
+                        let result = frame::decode_worker_frame(&buf[..meta.len], nfds)
+                            .map_err(ProtocolError::from)
+                            .and_then(|f| self.on_frame(k, f));
+                        self.recv_buf = buf;
+                        result
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    let (slot, pid) = (w.slot, w.pid);
+                    warn!(
+                        worker.id = slot,
+                        worker.pid = pid,
+                        "could not read worker channel: {e}"
+                    );
+                    self.channel_closed(k);
+                    return;
+                }
+            };
+            if let Err(why) = result {
+                self.protocol_error(k, why);
+                return;
+            }
+        }
+    }
+
+    fn node_events(&mut self, k: usize) -> Result<(), ProtocolError> {
+        loop {
+            let Some(node) = self
+                .pool
+                .get_mut(k)
+                .and_then(|w| w.link.as_mut())
+                .and_then(|l| l.node())
+            else {
+                return Ok(());
+            };
+            let Some(ev) = node.next_event() else {
+                return Ok(());
+            };
+            self.on_node_event(k, ev.map_err(ProtocolError::Node)?)?;
+        }
+    }
+
+    fn on_frame(&mut self, k: usize, f: WorkerFrame<'_>) -> Result<(), ProtocolError> {
+        match f {
+            WorkerFrame::Ready { .. } => self.on_ready(k),
+            WorkerFrame::Ack(ids) => self.on_ids(k, false, ids.iter()),
+            WorkerFrame::Refuse(ids) => self.on_ids(k, true, ids.iter()),
+            WorkerFrame::Stats(s) => self.on_stats(k, s),
+            WorkerFrame::Heartbeat => Ok(()),
+            WorkerFrame::Message { to, json } => {
+                let from = self.pool.get(k).expect("live worker").slot;
+                self.relay(from, to, json);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_node_event(&mut self, k: usize, ev: NodeEvent) -> Result<(), ProtocolError> {
+        match ev {
+            NodeEvent::Ready => self.on_ready(k),
+            NodeEvent::Ack(ids) => self.on_ids(k, false, ids.into_iter()),
+            NodeEvent::Refuse(ids) => self.on_ids(k, true, ids.into_iter()),
+            // The child never saw the connection (its fd did not arrive): as good as refused.
+            NodeEvent::HandleNack(id) => self.on_ids(k, true, std::iter::once(id)),
+            // The handle arrived; the shim's own ACK follows. The next handle may go now.
+            NodeEvent::HandleAck(_) => Ok(()),
+            NodeEvent::Stats(s) => self.on_stats(k, s),
+            NodeEvent::Heartbeat => Ok(()),
+            NodeEvent::Message { to, json } => {
+                let from = self.pool.get(k).expect("live worker").slot;
+                self.relay(from, to, &json);
+                Ok(())
+            }
+            // The app sent us a socket: its fd was closed on receipt; answer so that Node's
+            // child stops queueing its later messages.
+            NodeEvent::WorkerHandle => {
+                self.send_control(k, Control::HandleAck);
+                Ok(())
+            }
+        }
+    }
+
+    fn on_ready(&mut self, k: usize) -> Result<(), ProtocolError> {
+        if !matches!(
+            self.pool.get(k).map(|w| &w.life),
+            Some(Life::Starting { .. })
+        ) {
+            return Err(ProtocolError::ReadyTwice);
+        }
+        self.on_online(k);
+        Ok(())
+    }
+
+    fn on_ids(
+        &mut self,
+        k: usize,
+        refuse: bool,
+        ids: impl Iterator<Item = u64>,
+    ) -> Result<(), ProtocolError> {
+        let policy = self.cfg.policy;
+        let mut closed = false;
+        for id in ids {
+            let w = self.pool.get_mut(k).expect("live worker");
+            let Some(conn) = w.link.as_mut().and_then(|l| l.take_inflight(id)) else {
+                return Err(ProtocolError::UnknownConnection {
+                    verb: if refuse { "refused" } else { "acknowledged" },
+                    id,
+                });
+            };
+            if refuse {
+                if matches!(w.life, Life::Online) {
+                    w.skip_until = Some(Instant::now() + REFUSE_COOLDOWN);
+                }
+                self.dispatch.give_back(std::iter::once(conn));
+            } else {
+                w.acked += 1;
+                let slot = w.slot;
+                self.pool.count_connection(slot);
+                drop(conn); // the worker has its copy: close ours so its close() sends FIN
+                closed = true;
+            }
+        }
+        if let Some(w) = self.pool.get(k) {
+            self.dispatch.set_load(k, w.load(policy));
+        }
+        if closed {
+            self.fds_freed();
+        }
+        Ok(())
+    }
+
+    fn on_stats(&mut self, k: usize, s: WireStats) -> Result<(), ProtocolError> {
+        let policy = self.cfg.policy;
+        let w = self.pool.get_mut(k).expect("live worker");
+        let prev = w.reported;
+        if s.accepted < prev.accepted || s.closed < prev.closed || s.requests < prev.requests {
+            return Err(ProtocolError::CountersBackwards);
+        }
+        w.reported = s;
+        let slot = w.slot;
+        let due = matches!(w.life, Life::Online) && w.recycle_at.is_some_and(|n| s.requests >= n);
+        let load = w.load(policy);
+        self.dispatch.set_load(k, load);
+        self.pool.count_reported(
+            slot,
+            s.requests - prev.requests,
+            (!policy.hands_off()).then(|| s.accepted - prev.accepted),
+        );
+        // Recycle once past --max-requests; if a reload is running, retry at the next STATS
+        // (or at a tick).
+        if due && !self.ops.reloading() {
+            let w = self.pool.get_mut(k).expect("live worker");
+            w.recycle_at = None;
+            info!(
+                worker.id = w.slot,
+                worker.pid = w.pid,
+                requests = s.requests,
+                "worker reached --max-requests; recycling"
+            );
+            self.recycle((slot - 1) as usize);
+        }
+        Ok(())
+    }
+
+    fn relay(&mut self, from: u32, to: Recipient, json: &[u8]) {
+        if json.len() > frame::MAX_MESSAGE && to != Recipient::Primary {
+            // Only a Node worker's line can be this long; it would not fit a native frame.
+            warn!(
+                worker.id = from,
+                bytes = json.len(),
+                "message too large to relay; dropped"
+            );
+            return;
+        }
+        match to {
+            Recipient::Primary => {
+                const LOGGED: usize = 1024;
+                let text = String::from_utf8_lossy(&json[..json.len().min(LOGGED)]);
+                let more = if json.len() > LOGGED { "…" } else { "" };
+                let text = format!("{text}{more}");
+                info!(worker.id = from, json = %text, "message from worker");
+                if let Ok(value) = serde_json::from_slice(json) {
+                    let _ = self.events.send(Event::Message {
+                        from,
+                        message: value,
+                    });
+                }
+            }
+            Recipient::Worker(id) => {
+                if !self.message_slot(id, from, json) {
+                    // Once a second at most: a flooding worker must not flood the log too.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_warning
+                        .is_none_or(|t| now - t >= Duration::from_secs(1))
+                    {
+                        self.last_drop_warning = Some(now);
+                        warn!(
+                            worker.id = from,
+                            to = id,
+                            "message to unknown (or restarting) worker dropped"
+                        );
+                    }
+                }
+            }
+            Recipient::All => {
+                for id in 1..=self.pool.slots().len() as u32 {
+                    if id != from {
+                        self.message_slot(id, from, json);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues a MESSAGE for slot `id`'s worker. False if there is no such worker.
+    fn message_slot(&mut self, id: u32, from: u32, json: &[u8]) -> bool {
+        let Some(k) = self.pool.current_of(id) else {
+            return false;
+        };
+        self.send_control(k, Control::Message { from, json });
+        true
+    }
+
+    /// Sends or queues a control message for worker `k` (nothing if its channel is gone).
+    fn send_control(&mut self, k: usize, c: Control<'_>) {
+        let Some(w) = self.pool.get_mut(k) else {
+            return;
+        };
+        let (id, pid) = (w.slot, w.pid);
+        let Some(link) = w.link.as_mut() else { return };
+        match link.send_control(c) {
+            Queued::Yes | Queued::NotApplicable => {}
+            Queued::Dropped { first: true } => warn!(
+                worker.id = id,
+                worker.pid = pid,
+                "worker reads its channel slower than messages arrive: dropping messages for it until it catches up"
+            ),
+            Queued::Dropped { first: false } => {}
+            Queued::Unencodable(e) => warn!(worker.id = id, "message not sent: {e}"),
+        }
+    }
+
+    fn on_writable(&mut self, k: usize) {
+        let Some(link) = self.pool.get_mut(k).and_then(|w| w.link.as_mut()) else {
+            return;
+        };
+        if !link.on_writable() {
+            // The reader sees the broken channel; nothing more to write.
+            debug!(worker.key = k, "channel failed while writing queued frames");
+        }
+    }
+
+    fn protocol_error(&mut self, k: usize, why: ProtocolError) {
+        if let Some(w) = self.pool.get(k) {
+            error!(
+                worker.id = w.slot,
+                worker.pid = w.pid,
+                "protocol error: worker {why}"
+            );
+        }
+        self.retire(k, Retire::Kill("protocol error".into()));
+    }
+
+    /// The environment every worker gets on top of the primary's.
+    fn worker_env(&self, id: u32, listeners: usize) -> Vec<(OsString, OsString)> {
+        let channel_fd = 3 + listeners;
+        // Heartbeats at a quarter of the timeout (at most every 100 ms, at least every second),
+        // so a healthy worker is never declared hung whatever --heartbeat-timeout is.
+        let heartbeat_ms = self
+            .cfg
+            .heartbeat_timeout
+            .map_or(1000, |t| (t.as_millis() / 4).clamp(100, 1000));
+        let mut env: Vec<(OsString, OsString)> = vec![
+            ("ROUNDHOUSE_WORKER_ID".into(), id.to_string().into()),
+            ("ROUNDHOUSE_POLICY".into(), self.cfg.policy.as_str().into()),
+            (
+                "ROUNDHOUSE_HEARTBEAT_MS".into(),
+                heartbeat_ms.to_string().into(),
+            ),
+        ];
+        if self.cfg.node {
+            env.extend(crate::node::worker_env(
+                channel_fd,
+                self.cfg.node_shim.as_deref(),
+                &self.addrs,
+                self.cfg.backlog,
+            ));
+        } else {
+            env.push(("ROUNDHOUSE_FD".into(), channel_fd.to_string().into()));
+        }
+        if listeners > 0 {
+            env.push(("LISTEN_FDS".into(), listeners.to_string().into()));
+            let names: Vec<String> = (0..listeners).map(|i| format!("listen{i}")).collect();
+            env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
+        }
+        env
+    }
+}

@@ -1,0 +1,496 @@
+//! The operations room: what the outside asks of the primary — stop, reload, recycle, scale,
+//! messages, statistics — and when each is answered.
+//!
+//! - **Reload queue.** One reload runs at a time, slot by slot, each new worker online before
+//!   the old one drains. A reload asked for while a full reload runs is *not* merged into it:
+//!   it waits, and runs as a reload of its own once the running one ends, so that when it
+//!   answers, every serving worker was started after it was asked for. A reload asked for while
+//!   a `--max-requests` recycle runs turns the recycle into a full reload of every slot.
+//! - **Scale** answers once every added worker is online (or one of them failed to start:
+//!   then with that error; the slot keeps restarting with backoff). A scale-down answers once
+//!   the removed workers are told to drain.
+//! - **Stop** drains every worker within `--grace`; a second stop kills at once.
+
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use roundhouse_proto::frame;
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+
+use super::lifecycle::{Life, Retire, Role};
+use super::Primary;
+use crate::api::{OpError, Request, Target};
+use crate::config::MAX_WORKERS;
+use crate::events::ExitInfo;
+use crate::notify;
+use crate::stats::{self, StatsSnapshot, Totals, WorkerStats};
+
+type Reply = oneshot::Sender<Result<(), OpError>>;
+
+#[derive(Default)]
+enum Phase {
+    #[default]
+    Running,
+    Stopping {
+        deadline: Instant,
+        replies: Vec<oneshot::Sender<()>>,
+        /// The grace period ran out and every worker was SIGKILLed.
+        killed: bool,
+    },
+}
+
+struct Reload {
+    queue: VecDeque<u32>,
+    /// (slot id, new worker key) being brought online.
+    step: Option<(u32, usize)>,
+    replies: Vec<Reply>,
+    /// A whole reload (SIGHUP / `roundhouse reload`: systemd is told), not a one-slot recycle.
+    full: bool,
+}
+
+/// A scale-up waiting for its new workers to come online.
+struct ScaleWait {
+    ids: Vec<u32>,
+    reply: Reply,
+}
+
+#[derive(Default)]
+pub(crate) struct Ops {
+    phase: Phase,
+    reload: Option<Reload>,
+    /// Reloads asked for while a full reload ran: they run, as one, after it.
+    next_reload: Vec<Reply>,
+    scales: Vec<ScaleWait>,
+    pub(super) any_online_ever: bool,
+    pub(super) announced_ready: bool,
+}
+
+impl Ops {
+    pub(super) fn stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. })
+    }
+    pub(super) fn reloading(&self) -> bool {
+        self.reload.is_some()
+    }
+    /// Answers everyone waiting for the stop.
+    pub(super) fn finish_stop(&mut self) {
+        if let Phase::Stopping { replies, .. } = std::mem::take(&mut self.phase) {
+            for r in replies {
+                let _ = r.send(());
+            }
+        }
+    }
+}
+
+impl Primary {
+    pub(super) fn on_request(&mut self, r: Request) {
+        match r {
+            Request::Stats { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Request::ResetStats { reply } => {
+                for s in self.pool.slots_mut() {
+                    s.counters = Default::default();
+                }
+                let _ = reply.send(());
+            }
+            Request::Reload { reply } => self.begin_reload(reply),
+            Request::Scale { workers, reply } => self.scale(workers, reply),
+            Request::Send { to, message, reply } => {
+                let _ = reply.send(self.send_message(to, &message));
+            }
+            Request::Stop { reply } => self.begin_stop(Some(reply)),
+        }
+    }
+
+    fn send_message(&mut self, to: Target, message: &serde_json::Value) -> Result<(), OpError> {
+        let json = message.to_string().into_bytes();
+        if json.len() > frame::MAX_MESSAGE {
+            return Err(OpError::MessageTooLarge(json.len()));
+        }
+        match to {
+            Target::All => {
+                for id in 1..=self.pool.slots().len() as u32 {
+                    self.message_slot(id, 0, &json);
+                }
+                Ok(())
+            }
+            Target::Worker(id) if self.message_slot(id, 0, &json) => Ok(()),
+            Target::Worker(id) => Err(OpError::NoSuchWorker(id)),
+        }
+    }
+
+    pub(super) fn begin_stop(&mut self, reply: Option<oneshot::Sender<()>>) {
+        if let Phase::Stopping { replies, .. } = &mut self.ops.phase {
+            // A second stop request: stop at once.
+            warn!("second stop request: killing workers now");
+            replies.extend(reply);
+            self.kill_all();
+            return;
+        }
+        info!("stopping: draining workers");
+        notify::notify("STOPPING=1");
+        let waiting: Vec<Reply> = self
+            .ops
+            .reload
+            .take()
+            .map(|r| r.replies)
+            .into_iter()
+            .flatten()
+            .chain(self.ops.next_reload.drain(..))
+            .chain(self.ops.scales.drain(..).map(|s| s.reply))
+            .collect();
+        for reply in waiting {
+            let _ = reply.send(Err(OpError::Stopping));
+        }
+        // Hand what we hold to workers before they are told to drain, then stop accepting.
+        self.dispatch();
+        self.ops.phase = Phase::Stopping {
+            deadline: Instant::now() + self.cfg.grace,
+            replies: reply.into_iter().collect(),
+            killed: false,
+        };
+        self.accept.on.clear();
+        for idx in 0..self.pool.slots().len() {
+            self.pool.cancel_start(idx);
+        }
+        for k in 0..self.pool.capacity() {
+            self.retire(k, Retire::Drain);
+        }
+    }
+
+    fn scale(&mut self, n: u32, reply: Reply) {
+        if n == 0 || n > MAX_WORKERS {
+            let _ = reply.send(Err(OpError::WorkerCount(n)));
+            return;
+        }
+        if self.ops.stopping() {
+            let _ = reply.send(Err(OpError::Stopping));
+            return;
+        }
+        let wanted = self.pool.slots().iter().filter(|s| s.wanted).count() as u32;
+        info!(from = wanted, to = n, "scaling");
+        if n > wanted {
+            let mut ids = Vec::new();
+            for id in wanted + 1..=n {
+                if let Err(e) = self.add_slot(id) {
+                    let _ = reply.send(Err(OpError::Bind {
+                        id,
+                        why: e.to_string(),
+                    }));
+                    return;
+                }
+                let idx = (id - 1) as usize;
+                if self.pool.slots()[idx].current.is_none() {
+                    self.pool
+                        .request_start(idx, std::time::Duration::ZERO, false);
+                }
+                ids.push(id);
+            }
+            self.cfg.workers = n;
+            self.ops.scales.push(ScaleWait { ids, reply });
+            self.scale_progress();
+        } else {
+            for idx in (n as usize..self.pool.slots().len()).rev() {
+                self.pool.cancel_start(idx);
+                let s = &mut self.pool.slots_mut()[idx];
+                s.wanted = false;
+                if let Some(k) = s.current.take() {
+                    self.retire(k, Retire::Drain);
+                }
+            }
+            self.rotation_dirty = true;
+            self.cfg.workers = n;
+            self.scale_progress();
+            let _ = reply.send(Ok(()));
+        }
+    }
+
+    /// Answers the scale-ups whose every added slot is online (or gone).
+    fn scale_progress(&mut self) {
+        let pool = &self.pool;
+        let done = |id: &u32| {
+            let s = pool.slots().get((*id - 1) as usize);
+            s.is_none_or(|s| !s.wanted || (s.was_online && s.current.is_some()))
+        };
+        let mut i = 0;
+        while i < self.ops.scales.len() {
+            if self.ops.scales[i].ids.iter().all(done) {
+                let w = self.ops.scales.swap_remove(i);
+                let _ = w.reply.send(Ok(()));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    pub(super) fn scale_slot_online(&mut self, _id: u32) {
+        self.scale_progress();
+    }
+
+    /// Slot `id`'s worker exited before it was ever online: a scale-up waiting for it fails.
+    pub(super) fn scale_slot_failed(&mut self, id: u32, status: ExitInfo) {
+        let mut i = 0;
+        while i < self.ops.scales.len() {
+            if self.ops.scales[i].ids.contains(&id) {
+                let w = self.ops.scales.swap_remove(i);
+                let _ = w
+                    .reply
+                    .send(Err(OpError::ExitedBeforeOnline { id, status }));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn begin_reload(&mut self, reply: Reply) {
+        if self.ops.stopping() {
+            let _ = reply.send(Err(OpError::Stopping));
+            return;
+        }
+        if let Some(r) = &mut self.ops.reload {
+            if r.full {
+                // Not merged: it runs after this one, so every worker serving when it answers
+                // was started after it was asked for.
+                info!("reload asked for while a reload runs: it will run next");
+                self.ops.next_reload.push(reply);
+                return;
+            }
+            // A --max-requests recycle is running: make it a full reload of every slot (the
+            // slot being recycled included: its new worker was started before this request).
+            info!("reloading workers one by one (after the running recycle)");
+            notify::reloading();
+            r.full = true;
+            r.queue = self
+                .pool
+                .slots()
+                .iter()
+                .filter(|s| s.wanted)
+                .map(|s| s.id)
+                .collect();
+            r.replies.push(reply);
+            return;
+        }
+        self.start_reload(vec![reply]);
+    }
+
+    fn start_reload(&mut self, replies: Vec<Reply>) {
+        info!("reloading workers one by one");
+        notify::reloading();
+        let queue = self
+            .pool
+            .slots()
+            .iter()
+            .filter(|s| s.wanted)
+            .map(|s| s.id)
+            .collect();
+        self.ops.reload = Some(Reload {
+            queue,
+            step: None,
+            replies,
+            full: true,
+        });
+        self.advance_reload();
+    }
+
+    /// Recycles one slot the reload way (new worker online first), outside a full reload.
+    pub(super) fn recycle(&mut self, idx: usize) {
+        if self.ops.reload.is_some() {
+            return;
+        }
+        let id = self.pool.slots()[idx].id;
+        self.ops.reload = Some(Reload {
+            queue: VecDeque::from([id]),
+            step: None,
+            replies: Vec::new(),
+            full: false,
+        });
+        self.advance_reload();
+    }
+
+    fn advance_reload(&mut self) {
+        loop {
+            let Some(r) = &mut self.ops.reload else {
+                return;
+            };
+            if r.step.is_some() {
+                return;
+            }
+            let Some(id) = r.queue.pop_front() else {
+                self.finish_reload(Ok(()));
+                return;
+            };
+            let idx = (id - 1) as usize;
+            if !self.pool.slot_wanted(idx) {
+                continue;
+            }
+            if self.pool.slots()[idx].current.is_none() {
+                // Empty slot (restarting): a start now is the reload of it.
+                self.pool.cancel_start(idx);
+                self.pool
+                    .request_start(idx, std::time::Duration::ZERO, false);
+                continue;
+            }
+            match self.start_worker(idx, Role::Replacement) {
+                Some(k) => {
+                    if let Some(r) = &mut self.ops.reload {
+                        r.step = Some((id, k));
+                    }
+                    return;
+                }
+                None => {
+                    self.finish_reload(Err(OpError::StartFailed(id)));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn finish_reload(&mut self, result: Result<(), OpError>) {
+        let Some(r) = self.ops.reload.take() else {
+            return;
+        };
+        if let Some((_, k)) = r.step {
+            // The new worker never came online: get rid of it; the old one keeps serving.
+            self.retire(k, Retire::Kill("reload step abandoned".into()));
+        }
+        match &result {
+            Ok(()) if r.full => info!("reload complete"),
+            Ok(()) => {}
+            Err(e) => error!("reload failed: {e}"),
+        }
+        if r.full {
+            notify::notify("READY=1");
+        }
+        for reply in r.replies {
+            let _ = reply.send(result.clone());
+        }
+        if !self.ops.next_reload.is_empty() && !self.ops.stopping() {
+            let next = std::mem::take(&mut self.ops.next_reload);
+            self.start_reload(next);
+        }
+    }
+
+    /// A reload step's new worker is online: on to the next slot.
+    pub(super) fn reload_step_online(&mut self, k: usize) {
+        if let Some(r) = &mut self.ops.reload {
+            if r.step.map(|(_, nk)| nk) == Some(k) {
+                r.step = None;
+                self.advance_reload();
+            }
+        }
+    }
+
+    /// A reload step's new worker died before coming online: the reload failed, the old worker
+    /// stays.
+    pub(super) fn reload_step_exited(&mut self, k: usize, id: u32, status: ExitInfo) {
+        if let Some(r) = &mut self.ops.reload {
+            if r.step.map(|(_, nk)| nk) == Some(k) {
+                r.step = None;
+                self.finish_reload(Err(OpError::ExitedBeforeOnline { id, status }));
+            }
+        }
+    }
+
+    pub(super) fn on_tick(&mut self) {
+        let now = Instant::now();
+        if self.accept.paused_until.is_some_and(|t| t <= now) {
+            self.accept.paused_until = None;
+        }
+        if self
+            .accept
+            .starved
+            .is_some_and(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
+            self.end_starvation();
+        }
+        self.check_workers(now);
+        if let Phase::Stopping {
+            deadline, killed, ..
+        } = &mut self.ops.phase
+        {
+            if *deadline <= now && !*killed {
+                *killed = true;
+                warn!("grace period over: killing the workers that are left");
+                self.kill_all();
+            }
+        }
+        // A worker that passed --max-requests while another slot was recycling (and has been
+        // quiet since, so no STATS brings it up again).
+        if self.ops.reload.is_none() && !self.ops.stopping() {
+            let due = self.pool.workers().find(|w| {
+                matches!(w.life, Life::Online)
+                    && w.role == Role::Current
+                    && w.recycle_at.is_some_and(|n| w.reported.requests >= n)
+            });
+            if let Some(w) = due {
+                let idx = (w.slot - 1) as usize;
+                if let Some(w) = self.pool.slots()[idx]
+                    .current
+                    .and_then(|k| self.pool.get_mut(k))
+                {
+                    w.recycle_at = None;
+                    info!(
+                        worker.id = w.slot,
+                        worker.pid = w.pid,
+                        requests = w.reported.requests,
+                        "worker reached --max-requests; recycling"
+                    );
+                }
+                self.recycle(idx);
+            }
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> StatsSnapshot {
+        let policy = self.cfg.policy;
+        let slots = self.pool.slots();
+        let mut workers = Vec::new();
+        let mut totals = Totals::default();
+        // One pass over the processes (a slot may have two during a reload), not one per slot:
+        // with 1024 workers a scrape must stay cheap for the owner thread.
+        let mut active_by_slot = vec![0u64; slots.len()];
+        let mut processes_by_slot = vec![0u32; slots.len()];
+        for w in self.pool.workers() {
+            if let Some(i) = (w.slot as usize)
+                .checked_sub(1)
+                .filter(|&i| i < slots.len())
+            {
+                active_by_slot[i] += w.active(policy);
+                processes_by_slot[i] += 1;
+            }
+        }
+        for (i, s) in slots.iter().enumerate() {
+            if !s.wanted && s.current.is_none() && processes_by_slot[i] == 0 {
+                continue;
+            }
+            let current = s.current.and_then(|k| self.pool.get(k));
+            workers.push(WorkerStats {
+                id: s.id,
+                pid: current.map(|w| w.pid),
+                state: Primary::public_state(current),
+                connections_total: s.counters.connections_total,
+                connections_active: active_by_slot[i],
+                requests_total: s.counters.requests_total,
+                connections_lost: s.counters.connections_lost,
+                restarts: s.counters.restarts,
+                rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
+            });
+            totals.connections_total += s.counters.connections_total;
+            totals.requests_total += s.counters.requests_total;
+            totals.connections_lost += s.counters.connections_lost;
+        }
+        let values: Vec<u64> = workers.iter().map(|w| w.connections_total).collect();
+        StatsSnapshot {
+            policy: policy.as_str().to_string(),
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            listeners: self.addrs.iter().map(|a| a.to_string()).collect(),
+            workers,
+            totals,
+            fairness: stats::fairness(&values),
+        }
+    }
+}
