@@ -863,3 +863,138 @@ fn control_peer_of_another_uid_is_refused() {
     assert!(out.status.success(), "{out:?}");
     assert!(pid_alive(p.pid()));
 }
+
+/// Issue 11, item 6: a worker whose channel is full while the primary has connections for it
+/// must not make the primary spin on write readiness (every write goes through the reactor);
+/// the other worker serves everything meanwhile, and the stuck worker is killed once its
+/// channel has made no progress for a while.
+#[test]
+fn a_full_channel_does_not_make_the_primary_spin() {
+    require_python3!();
+    let p = hostile_builder("no-read").start();
+    let bad = first_pid_of_slot1(&p);
+    p.wait_ready();
+    // Messages worker 1 never reads: about four of these fill its channel's socket buffer.
+    let big = format!("\"{}\"", "x".repeat(60_000));
+    for _ in 0..4 {
+        let out = p.client(&["send", "--to", "1", &big]);
+        assert!(
+            out.status.success(),
+            "{}",
+            common::describe(&["send"], &out)
+        );
+    }
+    // Now every other connection is offered to worker 1, whose channel is full.
+    let load = Load::start(p.addr(), 2, "/", LoadMode::PerRequest);
+    assert!(load.wait_ok(50, STARTUP), "no progress with worker 1 stuck");
+    let cpu0 = proc_cpu_time(p.pid()).expect("cpu");
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(2)); // the measuring window, not a synchronisation
+    let share =
+        (proc_cpu_time(p.pid()).expect("cpu") - cpu0).as_secs_f64() / t0.elapsed().as_secs_f64();
+    let pid = bad.to_string();
+    let kill = p.wait_for_event(
+        "killing worker",
+        &[("worker.id", "1"), ("worker.pid", &pid)],
+        Duration::from_secs(30),
+    );
+    let report = load.finish();
+    eprintln!(
+        "FIGURE full channel: primary CPU {:.1}% over 2 s under load with worker 1's channel \
+         full; then {}; requests ok={} failed={}",
+        share * 100.0,
+        strip_prefix(&kill.text),
+        report.ok,
+        report.failures.len()
+    );
+    assert!(
+        share < 0.5,
+        "the primary used {:.0}% of a CPU: it spins on a full channel",
+        share * 100.0
+    );
+    assert!(report.failures.is_empty(), "{:?}", report.failures);
+    assert!(kill.contains("read"), "{}", kill.text);
+}
+
+/// Issue 11, item 5 (promise 8): with the primary limited to 40 fds, connection-per-request load
+/// is all served, at a rate that is a fair share of an unconstrained primary's (it resumes
+/// accepting as soon as a worker's acknowledgement frees an fd, not after a fixed pause), and
+/// the exhaustion episode ends within a second after the load stops.
+#[test]
+fn limited_to_40_fds_the_primary_keeps_serving_at_speed() {
+    let window = Duration::from_secs(3);
+    let measure = |limit: bool| {
+        let p = Primary::builder().workers(2).start();
+        p.wait_ready();
+        if limit {
+            let out = std::process::Command::new("prlimit")
+                .args(["--pid", &p.pid().to_string(), "--nofile=40:40"])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                other => {
+                    eprintln!("skipped: prlimit could not limit the primary: {other:?}");
+                    return None;
+                }
+            }
+        }
+        let load = Load::start(p.addr(), 48, "/sleep?ms=20", LoadMode::PerRequest);
+        thread::sleep(window); // the measuring window, not a synchronisation
+        let report = load.finish();
+        let stopped = Instant::now();
+        // Every episode that began ends (is logged as over) promptly once the load stops.
+        let episodes = p.count("could not accept");
+        let ended = (limit && episodes > 0)
+            .then(|| {
+                wait_until(Duration::from_secs(5), Duration::from_millis(10), || {
+                    p.count("accepting again") >= episodes
+                })
+                .then(|| stopped.elapsed())
+            })
+            .flatten();
+        Some((
+            report.ok as f64 / report.elapsed.as_secs_f64(),
+            report,
+            p.count("could not accept"),
+            ended,
+        ))
+    };
+    let Some((free, free_report, _, _)) = measure(false) else {
+        return;
+    };
+    let Some((limited, limited_report, episodes, ended)) = measure(true) else {
+        return;
+    };
+    eprintln!(
+        "FIGURE 40-fd primary: {limited:.0} req/s vs {free:.0} req/s unconstrained ({:.2}x), \
+         48 clients x /sleep?ms=20 for {}s; exhaustion episodes {episodes}; 'accepting again' \
+         {:?} after the load stopped; failed {} / {}",
+        limited / free,
+        window.as_secs(),
+        ended,
+        limited_report.failures.len(),
+        free_report.failures.len()
+    );
+    assert!(
+        free_report.failures.is_empty(),
+        "{:?}",
+        free_report.failures
+    );
+    assert!(
+        limited_report.failures.is_empty(),
+        "{:?}",
+        limited_report.failures
+    );
+    assert!(
+        episodes > 0,
+        "the limit was never reached: the test tests nothing"
+    );
+    assert!(
+        limited >= 0.25 * free,
+        "limited to 40 fds the primary served {limited:.0} req/s against {free:.0} unconstrained"
+    );
+    assert!(
+        ended.is_some_and(|d| d < Duration::from_secs(2)),
+        "the exhaustion episode did not end promptly: {ended:?}"
+    );
+}

@@ -1246,3 +1246,125 @@ fn notify_socket_gets_ready_reloading_and_stopping() {
         status_str(&status)
     );
 }
+
+/// Connects and gets `/` every 5 ms from a thread until `stop`; returns the worst latency (connect
+/// to complete response) and the number of probes. Every probe must succeed.
+fn probe_latency(
+    addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(Duration, usize, Vec<String>)> {
+    std::thread::spawn(move || {
+        let mut worst = Duration::ZERO;
+        let mut n = 0;
+        let mut failures = Vec::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let t = Instant::now();
+            match get(addr, "/") {
+                Ok(r) if r.status == 200 => {}
+                Ok(r) => failures.push(format!("status {}", r.status)),
+                Err(e) => failures.push(e.to_string()),
+            }
+            worst = worst.max(t.elapsed());
+            n += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (worst, n, failures)
+    })
+}
+
+/// Issue 11, item 3 (promise 6): starting many workers never stalls the accept path. A probe
+/// opens a connection every 5 ms while the primary scales from 2 to 200 workers; `scale`
+/// answers once all of them are online.
+#[test]
+fn scaling_to_200_workers_keeps_accepting() {
+    let p = Primary::start(&["-w", "2"]);
+    p.wait_ready();
+    let addr = p.addr();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = probe_latency(addr, stop.clone());
+    std::thread::sleep(Duration::from_millis(100)); // a baseline for the probe, not a sync
+    let t = Instant::now();
+    let out = p.client(&["scale", "200"]);
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        describe(&["scale", "200"], &out)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (worst, probes, failures) = probe.join().unwrap();
+    // `scale` answered when every new worker was online: the status says so at once.
+    let status = p.client(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    let online = doc["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "online")
+        .count();
+    eprintln!(
+        "FIGURE scale 2->200: scale answered after {:.2}s with {online} online; probe: {probes} \
+         connections, worst latency {:.1} ms, {} failed",
+        took.as_secs_f64(),
+        worst.as_secs_f64() * 1000.0,
+        failures.len()
+    );
+    assert_eq!(online, 200, "scale answered before every worker was online");
+    assert!(failures.is_empty(), "{failures:?}");
+    // Generous for a loaded 2-core machine; before the fix this was about a second.
+    assert!(
+        worst < Duration::from_millis(500),
+        "a new connection waited {worst:?} while workers started"
+    );
+}
+
+/// Issue 11, item 4 (promise 6): a reload asked for while a reload runs is not merged into it.
+/// When the second answers, every serving worker was started after it was asked for.
+#[test]
+fn a_reload_asked_during_a_reload_runs_after_it() {
+    let b = Primary::builder().workers(3);
+    // Slow to start, so that the first reload is still running when the second is asked.
+    let script = b.temp_dir().write_script(
+        "slow.sh",
+        &format!("#!/bin/sh\nsleep 0.3\nexec '{}'\n", hello_worker()),
+    );
+    let p = b.cmd(&[script.display().to_string()]).start();
+    p.wait_ready();
+    let first = thread::scope(|s| {
+        let a = s.spawn(|| p.client(&["reload"]));
+        // The first reload is running once its first new worker has been forked.
+        p.wait_for_log("reloading workers one by one", STARTUP);
+        p.wait_for_count("worker started", 4, STARTUP);
+        let b = s.spawn(|| p.client(&["reload"]));
+        p.wait_for_log("it will run next", STARTUP);
+        let asked = p
+            .lines_matching("it will run next")
+            .pop()
+            .expect("logged")
+            .text;
+        let (a, b) = (a.join().unwrap(), b.join().unwrap());
+        assert!(a.status.success(), "{}", describe(&["reload"], &a));
+        assert!(b.status.success(), "{}", describe(&["reload"], &b));
+        asked
+    });
+    assert_eq!(p.count("reload complete"), 2, "two reloads, not one merged");
+    // Every worker serving now was started after the second reload was asked for.
+    let log = p.log();
+    let asked_at = log.find(&first).expect("the line is in the log");
+    let status = p.client(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&status.stdout).expect("status JSON");
+    for w in doc["workers"].as_array().unwrap() {
+        let pid = w["pid"].as_u64().expect("a pid");
+        let started = log
+            .find(&format!(
+                "worker started worker.id={} worker.pid={pid}",
+                w["id"]
+            ))
+            .unwrap_or_else(|| panic!("no start line for pid {pid}"));
+        assert!(
+            started > asked_at,
+            "worker {} (pid {pid}) was started before the second reload was asked for",
+            w["id"]
+        );
+    }
+}

@@ -89,7 +89,8 @@ pub(crate) struct Link {
     /// Frames (Node: byte runs) waiting for the channel to become writable.
     outbox: VecDeque<Vec<u8>>,
     outbox_bytes: usize,
-    /// Last time the outbox made progress while not empty (`None` when empty).
+    /// Last time the outbox made progress while not empty, or since when the channel has been
+    /// full (`None` when neither).
     outbox_since: Option<Instant>,
     dropping_messages: bool,
 }
@@ -150,7 +151,7 @@ impl Link {
         self.inflight.front().map(|c| c.sent_at)
     }
 
-    /// Since when queued frames have made no progress (`None`: nothing queued).
+    /// Since when queued frames (or a batch) have made no progress (`None`: not blocked).
     pub(crate) fn stalled_since(&self) -> Option<Instant> {
         self.outbox_since
     }
@@ -275,6 +276,8 @@ impl Link {
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 self.write_blocked = true;
+                // A channel that stays full is a stall even with nothing queued.
+                self.outbox_since.get_or_insert(now);
                 Err(SendError::Blocked)
             }
             Err(e) if e.raw_os_error() == Some(libc::ETOOMANYREFS) => Err(SendError::TooManyRefs),
