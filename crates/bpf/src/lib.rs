@@ -143,7 +143,12 @@ const ENOTSUPP: i32 = 524;
 /// What the program counted for one slot.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotCount {
-    /// New connections the program steered to this slot's listener.
+    /// New connections the program steered to this slot's listener: one per connection, since
+    /// the kernel runs the program once per SYN that creates a request (a retransmitted SYN
+    /// finds the request and does not). Two exceptions make it a little more than accepted
+    /// connections: a SYN dropped because the accept queue was full (counted, then counted
+    /// again when the client retries), and under SYN cookies (a SYN flood) the final ACK,
+    /// which the kernel selects a listener for again.
     pub steered: u64,
     /// Connections moved to this slot's listener from a closing one (already counted, as
     /// `steered`, on the slot they first went to).
@@ -551,6 +556,26 @@ mod tests {
         for errno in [libc::ENOSYS, libc::EINVAL, libc::EOPNOTSUPP, ENOTSUPP] {
             let e = BpfError::classify("x", io::Error::from_raw_os_error(errno));
             assert!(matches!(e, BpfError::Unsupported { .. }), "{errno}: {e}");
+        }
+    }
+
+    /// A program the verifier must refuse (r0 is returned without ever being written): the
+    /// error carries the verifier's own words. Needs CAP_BPF, as every kernel test here.
+    #[test]
+    fn a_refused_program_gives_the_verifier_log() {
+        let mut a = insn::Asm::new();
+        a.exit();
+        match load(&a.finish(), "rh_bad") {
+            Err(BpfError::Verifier { log, .. }) => {
+                assert!(log.contains("R0 !read_ok"), "{log}");
+                let e = load(&[], "rh_bad").unwrap_err();
+                assert!(!matches!(e, BpfError::Verifier { .. }), "{e}");
+            }
+            Err(e @ BpfError::Unsupported { .. }) => {
+                eprintln!("SKIPPED: the kernel refuses BPF: {e}")
+            }
+            Err(e) => panic!("expected a verifier refusal, got: {e}"),
+            Ok(_) => panic!("the verifier accepted a program returning an unset r0"),
         }
     }
 

@@ -11,6 +11,8 @@ use std::mem::size_of;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsFd, AsRawFd};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use roundhouse_bpf::{BpfError, MigrateOnly, RrGroup, SlotCount};
@@ -178,6 +180,33 @@ fn strict_rotation_200_connections_over_4_listeners() {
 }
 
 #[test]
+fn strict_rotation_over_ipv6_listeners() {
+    let Some(mut group) = new_group(4) else {
+        return;
+    };
+    let v6 = |addr: SocketAddr| {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None).unwrap();
+        s.set_reuse_port(true).unwrap();
+        s.bind(&addr.into()).unwrap();
+        s.listen(64).unwrap();
+        s.set_nonblocking(true).unwrap();
+        s
+    };
+    let first = v6("[::1]:0".parse().unwrap());
+    let addr = first.local_addr().unwrap().as_socket().unwrap();
+    let ls = [first, v6(addr), v6(addr)];
+    let members: Vec<_> = ls
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as u32, l.as_fd()))
+        .collect();
+    group.set_members(&members).unwrap();
+    group.attach(ls[2].as_fd()).unwrap();
+    let refs: Vec<&Socket> = ls.iter().collect();
+    assert_eq!(sequential(addr, &refs, 30), vec![10, 10, 10]);
+}
+
+#[test]
 fn a_removed_slot_is_skipped_and_rejoins_with_a_fresh_listener() {
     let Some(mut group) = new_group(8) else {
         return;
@@ -304,6 +333,12 @@ fn queued_connections_migrate_even_if_the_listener_closes_before_remove() {
     // remove() after the kernel already dropped the socket from the sockarray is fine.
     group.remove(0).unwrap();
     assert_eq!(group.members(), &[2, 1]);
+
+    // And the slot comes back with a fresh listener, in strict rotation again.
+    ls.insert(0, listener(addr));
+    group.insert(0, ls[0].as_fd()).unwrap();
+    let refs: Vec<&Socket> = ls.iter().collect();
+    assert_eq!(sequential(addr, &refs, 30), vec![10, 10, 10]);
 }
 
 /// The control for the two tests above: without a program, closing a listener resets the
@@ -508,4 +543,190 @@ fn only_cap_bpf_is_enough() {
         return;
     }
     rerun_with_caps(NAME, "-all,+bpf");
+}
+
+/// A worker of the load test: a thread accepting on its own listener and answering each
+/// connection with one line, until told to stop; then its listener closes.
+struct LoadWorker {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+    listener: Arc<Socket>,
+}
+
+fn wait_readable(l: &Socket, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on our stack, for the duration of the call.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
+}
+
+fn spawn_load_worker(l: Socket) -> LoadWorker {
+    let listener = Arc::new(l);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (l, s) = (listener.clone(), stop.clone());
+    let thread = std::thread::spawn(move || {
+        let mut served = 0;
+        while !s.load(Ordering::Relaxed) {
+            if !wait_readable(&l, 20) {
+                continue;
+            }
+            match l.accept() {
+                Ok((c, _)) => {
+                    c.set_nonblocking(false).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut c = TcpStream::from(c);
+                    let mut buf = [0u8; 16];
+                    let mut got = 0;
+                    while !buf[..got].contains(&b'\n') {
+                        match c.read(&mut buf[got..]) {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => got += k,
+                        }
+                    }
+                    let _ = c.write_all(b"ok\n");
+                    served += 1;
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+        }
+        served
+    });
+    LoadWorker {
+        stop,
+        thread,
+        listener,
+    }
+}
+
+impl LoadWorker {
+    /// Stops accepting; the listener stays open (and keeps queueing) until the caller drops it.
+    /// Returns the connections served and the listener.
+    fn stop(self) -> (u64, Arc<Socket>) {
+        self.stop.store(true, Ordering::Relaxed);
+        (self.thread.join().unwrap(), self.listener)
+    }
+
+    /// Stops accepting and closes the listener: what a draining worker does.
+    fn drain(self) -> u64 {
+        self.stop().0
+    }
+}
+
+/// One connection-per-request client: connect, send a line, read the answer to EOF.
+fn one_request(addr: SocketAddr) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET\n")?;
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer)?;
+    if answer != b"ok\n" {
+        return Err(std::io::Error::other(format!("answer {answer:?}")));
+    }
+    Ok(())
+}
+
+/// Issue 15's scale test, in process: `Connection: close` load from two clients while slots
+/// are drained (remove from the rotation, stop accepting, close the listener) and brought back
+/// with fresh listeners, three times. Not one client error.
+#[test]
+fn scale_down_and_up_under_connection_per_request_load_loses_nothing() {
+    let Some(mut group) = new_group(8) else {
+        return;
+    };
+    let (ls, addr) = group_of(4);
+    let mut workers: Vec<Option<LoadWorker>> = Vec::new();
+    for (slot, l) in ls.into_iter().enumerate() {
+        group.insert(slot as u32, l.as_fd()).unwrap();
+        if slot == 0 {
+            group.attach(l.as_fd()).unwrap();
+        }
+        workers.push(Some(spawn_load_worker(l)));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    match one_request(addr) {
+                        Ok(()) => ok += 1,
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+
+    let phase = Duration::from_millis(250);
+    let mut served = 0;
+    std::thread::sleep(phase);
+    for slot in [3u32, 0, 1] {
+        let worker = workers[slot as usize].take().unwrap();
+        if slot == 1 {
+            // A worker that hangs: it stops accepting while still in the rotation, connections
+            // (and the clients waiting on them) pile up in its queue until the primary notices,
+            // takes it out and closes its listener. They migrate, requests and all.
+            let (k, l) = worker.stop();
+            served += k;
+            std::thread::sleep(Duration::from_millis(50));
+            assert!(
+                queued(&l) > 0,
+                "nothing queued on the hung worker: cannot test migration"
+            );
+            group.remove(slot).unwrap();
+            drop(l);
+        } else {
+            // Scale down: out of the rotation first, then the worker drains and its listener
+            // closes.
+            group.remove(slot).unwrap();
+            served += worker.drain();
+        }
+        std::thread::sleep(phase);
+        // Back up: a fresh listener, in the rotation once its worker runs.
+        let l = listener(addr);
+        group.insert(slot, l.as_fd()).unwrap();
+        workers[slot as usize] = Some(spawn_load_worker(l));
+        std::thread::sleep(phase);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut errors) = (0, Vec::new());
+    for c in clients {
+        let (k, e) = c.join().unwrap();
+        ok += k;
+        errors.extend(e);
+    }
+    for w in workers.into_iter().flatten() {
+        served += w.drain();
+    }
+
+    let counts = group.counts();
+    let steered: u64 = counts.iter().map(|c| c.steered).sum();
+    let migrated: u64 = counts.iter().map(|c| c.migrated_in).sum();
+    let f = group.fallbacks();
+    println!(
+        "{ok} requests, {} errors, {served} served, steered {steered}, migrated {migrated}, \
+         fallbacks {f:?}, per slot {:?}",
+        errors.len(),
+        &counts[..4]
+    );
+    assert!(
+        errors.is_empty(),
+        "client errors: {:?}",
+        &errors[..errors.len().min(10)]
+    );
+    assert!(ok > 100, "too little load to mean anything: {ok}");
+    assert_eq!(served, ok);
+    // Every connection was selected by the program, once (no SYN was dropped and retried).
+    assert_eq!(steered + f.new, ok);
+    assert!(
+        migrated + f.migrated > 0,
+        "the hung worker's queue did not migrate"
+    );
 }
