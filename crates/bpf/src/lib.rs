@@ -48,8 +48,14 @@
 //!    kernel migrates them. If the primary keeps a slot's listener open across a restart, its
 //!    queued connections wait there for the slot's next worker instead (nothing is reset either
 //!    way).
-//! 5. For `/stats`: [`RrGroup::count`]`(slot)` (two atomic loads from a shared mapping, no
-//!    syscall) and [`RrGroup::fallbacks`].
+//! 5. Reload (a new worker for a slot whose old worker still serves): if the new worker has its
+//!    own listener, [`RrGroup::insert`]`(slot, new listener)` once it is online swaps the slot's
+//!    socket in place (same position in the rotation), then the old worker drains and its
+//!    listener closes (its queue migrates). If a slot keeps one listener across generations,
+//!    nothing changes in the group: the slot stays in the rotation throughout.
+//! 6. For `/stats`: [`RrGroup::count`]`(slot)` (two atomic loads from a shared mapping, no
+//!    syscall) and [`RrGroup::fallbacks`]; [`RrGroup::counters`] gives a cloneable handle for a
+//!    reader outside the owner loop.
 //!
 //! With `n == 0` (no worker online) the program selects nothing and the kernel hashes over the
 //! group's listeners: connections wait in the queue of a starting worker's listener. Every such
@@ -73,6 +79,7 @@ mod sys;
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use program::{RrMaps, COUNT_MIGRATED_IN, COUNT_STEERED, COUNT_VALUE_SIZE};
 use program::{STATE_COUNTER, STATE_FALLBACK_MIGRATED, STATE_FALLBACK_NEW, STATE_VALUE_SIZE};
@@ -174,8 +181,7 @@ pub struct RrGroup {
     prog: OwnedFd,
     socks: OwnedFd,
     ring: OwnedFd,
-    state: MapView,
-    counts: MapView,
+    counters: RrCounters,
     max_slots: u32,
     /// Mirror of `ring[1..=n]`: the online slots in rotation order.
     order: Vec<u32>,
@@ -259,8 +265,11 @@ impl RrGroup {
             prog,
             socks,
             ring,
-            state,
-            counts,
+            counters: RrCounters {
+                state: Arc::new(state),
+                counts: Arc::new(counts),
+                max_slots,
+            },
             max_slots,
             order: Vec::with_capacity(n),
             position: vec![NONE; n],
@@ -393,36 +402,31 @@ impl RrGroup {
         self.max_slots
     }
 
-    /// What the program counted for `slot` (zero for a slot out of range). The counters are
-    /// never reset by the group: a slot's figures survive its restarts; subtract a baseline for
-    /// `POST /stats/reset`.
+    /// What the program counted for `slot`; see [`RrCounters::count`].
     pub fn count(&self, slot: u32) -> SlotCount {
-        if slot >= self.max_slots {
-            return SlotCount::default();
-        }
-        let base = slot as usize * COUNT_VALUE_SIZE as usize;
-        SlotCount {
-            steered: self.counts.load_u64(base + COUNT_STEERED),
-            migrated_in: self.counts.load_u64(base + COUNT_MIGRATED_IN),
-        }
+        self.counters.count(slot)
     }
 
     /// [`RrGroup::count`] of every slot, indexed by slot id.
     pub fn counts(&self) -> Vec<SlotCount> {
-        (0..self.max_slots).map(|slot| self.count(slot)).collect()
+        self.counters.counts()
     }
 
     /// Selections the program left to the kernel's hash.
     pub fn fallbacks(&self) -> Fallbacks {
-        Fallbacks {
-            new: self.state.load_u64(STATE_FALLBACK_NEW),
-            migrated: self.state.load_u64(STATE_FALLBACK_MIGRATED),
-        }
+        self.counters.fallbacks()
     }
 
     /// Tickets taken from the rotation counter: every selection with at least one member online.
     pub fn tickets(&self) -> u64 {
-        self.state.load_u64(STATE_COUNTER)
+        self.counters.tickets()
+    }
+
+    /// A cheap, cloneable, `Send + Sync` handle on the program's counters, for a reader that
+    /// does not own the group (the admin endpoint's snapshot, say). It stays valid after the
+    /// group is dropped (it holds the mappings, which hold the maps).
+    pub fn counters(&self) -> RrCounters {
+        self.counters.clone()
     }
 
     /// The verifier's statistics line(s) for the loaded program ("processed N insns ...").
@@ -445,6 +449,49 @@ impl RrGroup {
             op: "update the BPF ring map",
             err,
         })
+    }
+}
+
+/// Read access to an [`RrGroup`]'s counters: atomic loads from the maps' shared mappings, no
+/// syscall, no allocation (except [`RrCounters::counts`]'s vector).
+#[derive(Clone)]
+pub struct RrCounters {
+    state: Arc<MapView>,
+    counts: Arc<MapView>,
+    max_slots: u32,
+}
+
+impl RrCounters {
+    /// What the program counted for `slot` (zero for a slot out of range). The counters are
+    /// never reset: a slot's figures survive its restarts; subtract a baseline for
+    /// `POST /stats/reset`.
+    pub fn count(&self, slot: u32) -> SlotCount {
+        if slot >= self.max_slots {
+            return SlotCount::default();
+        }
+        let base = slot as usize * COUNT_VALUE_SIZE as usize;
+        SlotCount {
+            steered: self.counts.load_u64(base + COUNT_STEERED),
+            migrated_in: self.counts.load_u64(base + COUNT_MIGRATED_IN),
+        }
+    }
+
+    /// [`RrCounters::count`] of every slot, indexed by slot id.
+    pub fn counts(&self) -> Vec<SlotCount> {
+        (0..self.max_slots).map(|slot| self.count(slot)).collect()
+    }
+
+    /// Selections the program left to the kernel's hash.
+    pub fn fallbacks(&self) -> Fallbacks {
+        Fallbacks {
+            new: self.state.load_u64(STATE_FALLBACK_NEW),
+            migrated: self.state.load_u64(STATE_FALLBACK_MIGRATED),
+        }
+    }
+
+    /// Tickets taken from the rotation counter.
+    pub fn tickets(&self) -> u64 {
+        self.state.load_u64(STATE_COUNTER)
     }
 }
 
