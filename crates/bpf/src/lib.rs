@@ -36,13 +36,17 @@
 //!    error here is fatal for the policy; [`BpfError::MissingCapability`] and
 //!    [`BpfError::Unsupported`] print as the one line the SPEC asks for (exit 1).
 //! 2. Bind and `listen` the slot listeners as under `reuseport`, then [`RrGroup::attach`] on any
-//!    one of them (the program is the group's, not the socket's; the group keeps it while any
-//!    member listens, even after that socket is closed; attach again only if every listener of
-//!    the address was closed at once).
-//! 3. When a worker becomes online: [`RrGroup::insert`]`(slot, listener)`. When it leaves online
-//!    (drain, exit, kill, hang): [`RrGroup::remove`]`(slot)` *before* the listener is closed or
-//!    the worker told to stop, so no new connection is steered to it. All are a few `bpf(2)`
-//!    syscalls, no blocking, no allocation.
+//!    one of them *that is listening* (attached to a socket not yet in the group, the program
+//!    would be lost when that socket joins the group at `listen`). The program is the group's,
+//!    not the socket's: the group keeps it while any member listens, even after that socket is
+//!    closed; attach again only if every listener of the address was closed at once.
+//! 3. When a worker becomes online: [`RrGroup::insert`]`(slot, listener)` (the listener must be
+//!    listening: the kernel refuses anything else). When it leaves online:
+//!    [`RrGroup::remove`]`(slot)` — for a drain, scale-down or recycle *before* the worker is
+//!    told to stop, so no new connection is steered to it; for an exit or a kill, as soon as it
+//!    is reaped (if its listener closed with the process, the kernel already took it out of the
+//!    sockarray, and until `remove` the program falls back to hash for that position: counted,
+//!    nothing reset). Each call is a few `bpf(2)` syscalls: no blocking, no allocation.
 //! 4. To make a slot's queued connections move to other workers (scale-down, a worker gone for
 //!    good), close every fd of its listener (the primary's copy included) after `remove`: the
 //!    kernel migrates them. If the primary keeps a slot's listener open across a restart, its

@@ -267,4 +267,47 @@ mod tests {
         assert_eq!(p[p.len() - 1].code, 0x95);
         assert_eq!((p[p.len() - 2].code, p[p.len() - 2].imm), (0xb7, SK_PASS));
     }
+
+    /// The numbered listing in the module doc is the program: spot-check its landmarks.
+    #[test]
+    fn the_listing_in_the_doc_matches() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = f.as_fd();
+        let p = rr_program(&RrMaps {
+            socks: fd,
+            ring: fd,
+            state: fd,
+            counts: fd,
+        });
+        let call = |i: usize| (p[i].code, p[i].imm);
+        assert_eq!((p[1].code, p[1].off), (0x79, MD_MIGRATING_SK)); // r9 = ctx->migrating_sk
+        for i in [5, 12, 25, 32, 41] {
+            assert_eq!(p[i].code, 0x18, "ld_imm64 map at {i}");
+        }
+        for i in [7, 14, 27, 43] {
+            assert_eq!(call(i), (0x85, BPF_FUNC_MAP_LOOKUP_ELEM), "lookup at {i}");
+        }
+        assert_eq!(call(37), (0x85, BPF_FUNC_SK_SELECT_REUSEPORT));
+        assert_eq!((p[19].code, p[19].imm), (0xdb, 1)); // fetch-add
+        assert_eq!(p[20].code, 0x9f); // r1 %= r7
+        for (i, off) in [(47, 0), (49, 8), (53, 8), (55, 16)] {
+            assert_eq!(
+                (p[i].code, p[i].imm, p[i].off),
+                (0xdb, 0, off),
+                "atomic add at {i}"
+            );
+        }
+        // Every jump to `fallback` lands on 51, every jump to `pass` on 56.
+        for (i, target) in [
+            (8, 56),
+            (15, 51),
+            (17, 51),
+            (28, 51),
+            (38, 51),
+            (44, 56),
+            (50, 56),
+        ] {
+            assert_eq!(i as i16 + 1 + p[i].off, target, "jump at {i}");
+        }
+    }
 }

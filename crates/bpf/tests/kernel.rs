@@ -355,19 +355,37 @@ fn without_a_program_queued_connections_are_reset() {
         "hash put nothing on the first listener; cannot test"
     );
     drop(ls.remove(0));
-    // The resets are sent as the listener closes; give loopback a moment to deliver them.
-    std::thread::sleep(Duration::from_millis(50));
-    let mut reset = 0;
-    for c in &mut clients {
+    // The resets are sent as the listener closes; poll the clients until they have all arrived.
+    for c in &clients {
         c.set_nonblocking(true).unwrap();
-        let mut b = [0u8; 1];
-        match c.read(&mut b) {
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => reset += 1,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-            other => panic!("unexpected read result {other:?}"),
+    }
+    let mut was_reset = vec![false; clients.len()];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (was_reset.iter().filter(|&&r| r).count() as u32) < on_first {
+        assert!(
+            Instant::now() < deadline,
+            "only some of the {on_first} resets arrived"
+        );
+        for (c, r) in clients.iter_mut().zip(was_reset.iter_mut()) {
+            let mut b = [0u8; 1];
+            match c.read(&mut b) {
+                _ if *r => {}
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => *r = true,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                other => panic!("unexpected read result {other:?}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // And no more than those: the other listener's connections are intact.
+    std::thread::sleep(Duration::from_millis(20));
+    for (c, r) in clients.iter_mut().zip(&was_reset) {
+        if !r {
+            let mut b = [0u8; 1];
+            let e = c.read(&mut b).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::WouldBlock, "{e}");
         }
     }
-    assert_eq!(reset, on_first);
 }
 
 /// The stretch for plain `reuseport`: the two-instruction program keeps hash selection and adds
@@ -677,11 +695,15 @@ fn scale_down_and_up_under_connection_per_request_load_loses_nothing() {
             // takes it out and closes its listener. They migrate, requests and all.
             let (k, l) = worker.stop();
             served += k;
-            std::thread::sleep(Duration::from_millis(50));
-            assert!(
-                queued(&l) > 0,
-                "nothing queued on the hung worker: cannot test migration"
-            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while queued(&l) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "nothing queued on the hung worker"
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
             group.remove(slot).unwrap();
             drop(l);
         } else {
