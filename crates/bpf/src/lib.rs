@@ -36,8 +36,9 @@
 //!    error here is fatal for the policy; [`BpfError::MissingCapability`] and
 //!    [`BpfError::Unsupported`] print as the one line the SPEC asks for (exit 1).
 //! 2. Bind and `listen` the slot listeners as under `reuseport`, then [`RrGroup::attach`] on any
-//!    one of them *that is listening* (attached to a socket not yet in the group, the program
-//!    would be lost when that socket joins the group at `listen`). The program is the group's,
+//!    one of them *that is listening* (a socket only bound gets a group of its own from the
+//!    attach, and its `listen` then fails with `EADDRINUSE` when another listener already has
+//!    the address). The program is the group's,
 //!    not the socket's: the group keeps it while any member listens, even after that socket is
 //!    closed; attach again only if every listener of the address was closed at once.
 //! 3. When a worker becomes online: [`RrGroup::insert`]`(slot, listener)` (the listener must be

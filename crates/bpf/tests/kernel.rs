@@ -757,3 +757,19 @@ fn scale_down_and_up_under_connection_per_request_load_loses_nothing() {
         "the hung worker's queue did not migrate"
     );
 }
+
+/// Why the doc says to attach on a *listening* socket: attaching to a socket that is only bound
+/// gives it a reuseport group of its own, and its `listen` then fails with `EADDRINUSE` instead
+/// of joining the address's group (Linux 6.18).
+#[test]
+fn attach_before_listen_on_a_joining_socket_breaks_its_listen() {
+    let Some(group) = new_group(4) else { return };
+    let first = listener("127.0.0.1:0".parse().unwrap());
+    let addr = first.local_addr().unwrap().as_socket().unwrap();
+    let second = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    second.set_reuse_port(true).unwrap();
+    second.bind(&addr.into()).unwrap();
+    group.attach(second.as_fd()).unwrap();
+    let e = second.listen(64).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::AddrInUse, "{e}");
+}
