@@ -38,9 +38,9 @@
 //! 2. Bind and `listen` the slot listeners as under `reuseport`, then [`RrGroup::attach`] on any
 //!    one of them *that is listening* (a socket only bound gets a group of its own from the
 //!    attach, and its `listen` then fails with `EADDRINUSE` when another listener already has
-//!    the address). The program is the group's,
-//!    not the socket's: the group keeps it while any member listens, even after that socket is
-//!    closed; attach again only if every listener of the address was closed at once.
+//!    the address). The program is the group's, not the socket's: the group keeps it while any
+//!    member listens, even after that socket is closed; attach again only if every listener of
+//!    the address was closed at once.
 //! 3. When a worker becomes online: [`RrGroup::insert`]`(slot, listener)` (the listener must be
 //!    listening: the kernel refuses anything else). When it leaves online:
 //!    [`RrGroup::remove`]`(slot)` — for a drain, scale-down or recycle *before* the worker is
