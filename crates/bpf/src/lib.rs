@@ -62,6 +62,24 @@
 //!    syscall) and [`RrGroup::fallbacks`]; [`RrGroup::counters`] gives a cloneable handle for a
 //!    reader outside the owner loop.
 //!
+//! ```no_run
+//! # fn listener_of(_slot: u32) -> std::net::TcpListener { unimplemented!() }
+//! use std::os::fd::AsFd;
+//! use roundhouse_bpf::{BpfError, RrGroup};
+//!
+//! // Startup, once per listen address (worker ids 1..=1024 used as slot ids).
+//! let mut group = RrGroup::new(1025)?; // MissingCapability → print it, exit 1
+//! group.attach(listener_of(1).as_fd())?; // after the listeners listen
+//! // Worker 3 online:
+//! group.insert(3, listener_of(3).as_fd())?;
+//! // Worker 3 draining (before SIGTERM), or reaped after a crash:
+//! group.remove(3)?;
+//! // /stats:
+//! let connections_total = group.count(3).steered;
+//! # let _ = connections_total;
+//! # Ok::<(), BpfError>(())
+//! ```
+//!
 //! With `n == 0` (no worker online) the program selects nothing and the kernel hashes over the
 //! group's listeners: connections wait in the queue of a starting worker's listener. Every such
 //! fallback is counted.

@@ -14,9 +14,9 @@
 //! `EBUSY`), so compacting a dense sockarray would mean delete-then-insert, a window in which an
 //! index is empty. With the sockarray keyed by slot, a listener's entry never moves; compacting
 //! is done on the `ring` of slot ids, where writing an index is one atomic-enough 4-byte store and
-//! no index is ever empty (see `RrGroup::remove` for the order of the writes). The sockarray also
-//! stores the counter's meaning for free: the slot id a connection went to is what the program
-//! already holds when it counts.
+//! no index is ever empty (see `RrGroup::remove` for the order of the writes). Keying by slot also
+//! makes the per-slot counters free of bookkeeping: the key the program selected with is the key
+//! it counts under, whatever position the slot has in the rotation at that moment.
 //!
 //! Why `state` is separate from `ring`: user space never writes `state`, so its updates of `n`
 //! cannot overwrite an increment of the counter the program made at the same moment.
@@ -27,8 +27,9 @@
 //! (a SYN reaching the group, `migrating_sk == NULL`) and, because it is loaded with expected
 //! attach type `BPF_SK_REUSEPORT_SELECT_OR_MIGRATE`, for each connection queued on (or
 //! handshaking with) a listener being closed (`migrating_sk != NULL`, see the kernel's
-//! `reuseport_migrate_sock` and `inet_csk_listen_stop`). In both cases the answer is the same:
-//! the next online listener in the rotation. Returning `SK_PASS` without having selected a socket
+//! `reuseport_migrate_sock`, `inet_csk_listen_stop` and, for a request still in its handshake,
+//! the `TCP_NEW_SYN_RECV` branch of `tcp_v4_rcv` and `reqsk_timer_handler`). In both cases the
+//! answer is the same: the next online listener in the rotation. Returning `SK_PASS` without having selected a socket
 //! lets the kernel choose by hash among the group's listening sockets (that is the fallback);
 //! `SK_DROP` would reset a migrating connection, so the program never returns it.
 //!
