@@ -10,7 +10,7 @@
 //! 4-tuple. An [`RrGroup`] loads a `BPF_PROG_TYPE_SK_REUSEPORT` program that the kernel runs
 //! instead, once per new connection: it takes a ticket from an atomic counter and selects
 //! listener number `ticket % n` among the `n` online ones. The program, its maps and why it is
-//! written the way it is are in [`program`] (58 instructions, explained one by one).
+//! written the way it is are in [`program`] (78 instructions, explained one by one).
 //!
 //! The primary keeps the program's view of "online" in step with its own through
 //! [`RrGroup::insert`] and [`RrGroup::remove`] (or [`RrGroup::set_members`]): a worker that is
@@ -24,8 +24,9 @@
 //! listener it selects (the next online one in the rotation), see `reuseport_migrate_sock` and
 //! `inet_csk_listen_stop` in the kernel. That is what keeps promise 6 under this policy.
 //!
-//! Per-slot counters kept by the program ([`RrGroup::count`]) give `connections_total` even for
-//! workers roundhouse cannot talk to (`--plain`).
+//! Per-slot counters kept by the program ([`RrGroup::count`], [`SlotCount::received`]) give
+//! `connections_total` even for workers roundhouse cannot talk to (`--plain`), migrations
+//! included: a connection moved off a closing listener counts for the slot that got it.
 //!
 //! # Using it (the primary's side)
 //!
@@ -75,7 +76,7 @@
 //! // Worker 3 draining (before SIGTERM), or reaped after a crash:
 //! group.remove(3)?;
 //! // /stats:
-//! let connections_total = group.count(3).steered;
+//! let connections_total = group.count(3).received();
 //! # let _ = connections_total;
 //! # Ok::<(), BpfError>(())
 //! ```
@@ -104,7 +105,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use program::{RrMaps, COUNT_MIGRATED_IN, COUNT_STEERED, COUNT_VALUE_SIZE};
+use program::{RrMaps, COUNT_MIGRATED_IN, COUNT_MIGRATED_OUT, COUNT_STEERED, COUNT_VALUE_SIZE};
 use program::{STATE_COUNTER, STATE_FALLBACK_MIGRATED, STATE_FALLBACK_NEW, STATE_VALUE_SIZE};
 use sys::MapView;
 
@@ -181,8 +182,20 @@ pub struct SlotCount {
     /// which the kernel selects a listener for again.
     pub steered: u64,
     /// Connections moved to this slot's listener from a closing one (already counted, as
-    /// `steered`, on the slot they first went to).
+    /// `steered`, on the slot they first went to, and there as `migrated_out`).
     pub migrated_in: u64,
+    /// Connections queued on (or handshaking with) this slot's listener when it closed, which
+    /// the kernel moved elsewhere (to another slot, counted there as `migrated_in`, or, on a
+    /// fallback, by hash).
+    pub migrated_out: u64,
+}
+
+impl SlotCount {
+    /// Connections this slot's listeners received and kept: what its workers were given to
+    /// accept. The figure for `connections_total`.
+    pub fn received(&self) -> u64 {
+        (self.steered + self.migrated_in).saturating_sub(self.migrated_out)
+    }
 }
 
 /// Selections the program left to the kernel's hash.
@@ -204,6 +217,8 @@ pub struct RrGroup {
     prog: OwnedFd,
     socks: OwnedFd,
     ring: OwnedFd,
+    /// Socket cookie → slot, for the program to tell which slot a migrating connection leaves.
+    origins: OwnedFd,
     counters: RrCounters,
     max_slots: u32,
     /// Mirror of `ring[1..=n]`: the online slots in rotation order.
@@ -260,6 +275,15 @@ impl RrGroup {
             "rh_rr_counts",
         )
         .map_err(|e| BpfError::classify("create the BPF counter map", e))?;
+        let origins = sys::map_create(
+            sys::BPF_MAP_TYPE_LRU_HASH,
+            8,
+            4,
+            (4 * max_slots).max(64),
+            0,
+            "rh_rr_origins",
+        )
+        .map_err(|e| BpfError::classify("create the BPF origins map", e))?;
         let state = MapView::new(state_map.as_fd(), STATE_VALUE_SIZE as usize).map_err(|err| {
             BpfError::Sys {
                 op: "map the BPF state map",
@@ -279,6 +303,7 @@ impl RrGroup {
             ring: ring.as_fd(),
             state: state_map.as_fd(),
             counts: counts_map.as_fd(),
+            origins: origins.as_fd(),
         });
         let (prog, verifier_stats) = load(&insns, "rh_reuseport_rr")?;
         // The program holds its own references to the maps; the mappings hold theirs. The
@@ -288,6 +313,7 @@ impl RrGroup {
             prog,
             socks,
             ring,
+            origins,
             counters: RrCounters {
                 state: Arc::new(state),
                 counts: Arc::new(counts),
@@ -335,7 +361,12 @@ impl RrGroup {
             return Ok(());
         }
         let fd = listener.as_raw_fd() as u64;
-        sys::map_update_u32_key(self.socks.as_fd(), slot, &fd)
+        // The origin first: this listener may close (and migrate) as soon as it is a member.
+        sys::map_update(self.origins.as_fd(), &cookie, &slot).map_err(|err| BpfError::Sys {
+            op: "update the BPF origins map",
+            err,
+        })?;
+        sys::map_update(self.socks.as_fd(), &slot, &fd)
             .map_err(|err| BpfError::Member { slot, err })?;
         self.cookie[s] = cookie;
         if !present {
@@ -468,7 +499,7 @@ impl RrGroup {
     }
 
     fn write_ring(&self, index: u32, value: u32) -> Result<(), BpfError> {
-        sys::map_update_u32_key(self.ring.as_fd(), index, &value).map_err(|err| BpfError::Sys {
+        sys::map_update(self.ring.as_fd(), &index, &value).map_err(|err| BpfError::Sys {
             op: "update the BPF ring map",
             err,
         })
@@ -496,6 +527,7 @@ impl RrCounters {
         SlotCount {
             steered: self.counts.load_u64(base + COUNT_STEERED),
             migrated_in: self.counts.load_u64(base + COUNT_MIGRATED_IN),
+            migrated_out: self.counts.load_u64(base + COUNT_MIGRATED_OUT),
         }
     }
 

@@ -7,7 +7,8 @@
 //! | `socks` | `REUSEPORT_SOCKARRAY`, `max_slots` entries | slot id → listener | user space (fd in, socket stored) |
 //! | `ring` | `ARRAY` of u32, `max_slots + 1` entries | `0` → n; `1 + i` → slot id of the i-th online listener | user space |
 //! | `state` | `ARRAY`, 1 entry of 24 bytes, mmapable | `0` → {rotation counter, fallbacks of new connections, fallbacks of migrations} | the program (atomic adds) |
-//! | `counts` | `ARRAY`, `max_slots` entries of 16 bytes, mmapable | slot id → {connections steered there, connections migrated there} | the program (atomic adds) |
+//! | `counts` | `ARRAY`, `max_slots` entries of 24 bytes, mmapable | slot id → {connections steered there, migrated there, migrated away} | the program (atomic adds) |
+//! | `origins` | `LRU_HASH`, `4 × max_slots` entries | listener's socket cookie → slot id | user space, at insert |
 //!
 //! Why a `ring` beside the sockarray rather than a dense sockarray: a socket can sit at only one
 //! index of a sockarray at a time (the kernel keeps the index in `sk_user_data` and answers
@@ -18,10 +19,16 @@
 //! makes the per-slot counters free of bookkeeping: the key the program selected with is the key
 //! it counts under, whatever position the slot has in the rotation at that moment.
 //!
+//! Why `origins`: during a migration the program is given the closing listener (`ctx->sk`),
+//! not its slot; its socket cookie (the same number as the fd's `SO_COOKIE`, which user space
+//! reads when it inserts the listener) leads back to the slot, so the connection can be counted
+//! as leaving it. Entries are never deleted (a removed slot's listener may still be closing and
+//! migrating); the LRU map forgets the oldest listeners once it holds four per slot.
+//!
 //! Why `state` is separate from `ring`: user space never writes `state`, so its updates of `n`
 //! cannot overwrite an increment of the counter the program made at the same moment.
 //!
-//! # The rotation program, instruction by instruction ([`RR_PROGRAM_LEN`] = 58)
+//! # The rotation program, instruction by instruction ([`RR_PROGRAM_LEN`] = 78)
 //!
 //! The context is `struct sk_reuseport_md`; the kernel calls the program for each new connection
 //! (a SYN reaching the group, `migrating_sk == NULL`) and, because it is loaded with expected
@@ -85,16 +92,35 @@
 //! 54     goto pass
 //! 55     lock *(u64 *)(r8 + 16) += r1   state->fallback_migrated += 1
 //!      pass:
-//! 56     r0 = 1                         SK_PASS: use the selected listener, or hash if none
-//! 57     exit
+//! 56     if r9 == 0 goto done           the rest is for migrations only
+//! 57     r1 = ctx->sk                   (u64 at +40) the closing listener
+//! 58     call bpf_get_socket_cookie     (helper 46)
+//! 59     *(u64 *)(fp - 16) = r0
+//! 60-61  r2 = fp - 16
+//! 62-63  r1 = &origins
+//! 64     call bpf_map_lookup_elem
+//! 65     if r0 == 0 goto done           a listener user space never inserted
+//! 66     r1 = *(u32 *)(r0 + 0)          the slot the connection is leaving
+//! 67     *(u32 *)(fp - 4) = r1
+//! 68-69  r2 = fp - 4
+//! 70-71  r1 = &counts
+//! 72     call bpf_map_lookup_elem
+//! 73     if r0 == 0 goto done
+//! 74     r1 = 1
+//! 75     lock *(u64 *)(r0 + 16) += r1   counts[from].migrated_out += 1
+//!      done:
+//! 76     r0 = 1                         SK_PASS: use the selected listener, or hash if none
+//! 77     exit
 //! ```
 //!
-//! The issue's proof of concept was 22 instructions: lookup, fetch-add, modulo, select. The 36
+//! The issue's proof of concept was 22 instructions: lookup, fetch-add, modulo, select. The 56
 //! more buy: the slot indirection (a second ring lookup) that keeps sockarray entries still while
-//! the membership changes, the per-slot counters (steered and migrated-in kept apart, so a
-//! migrated connection is not counted twice as a new one), and counted fallbacks, so that "never
-//! steered to an empty index" is measured rather than assumed. Every path is straight-line or a
-//! forward jump: no loop, so the verifier walks it in well under a hundred steps.
+//! the membership changes; per-slot counters that stay honest through migrations (a connection
+//! counts as steered to the slot it was first sent to, as migrated away from it, and as migrated
+//! into the slot that serves it, so `steered - migrated_out + migrated_in` is what a slot
+//! received); and counted fallbacks, so that "never steered to an empty index" is measured rather
+//! than assumed. Every path is straight-line or a forward jump: no loop, so the verifier walks it
+//! in about a hundred steps.
 //!
 //! # The migrate-only program ([`MIGRATE_ONLY_PROGRAM_LEN`] = 2)
 //!
@@ -113,13 +139,15 @@ use crate::insn::{Asm, Insn, Reg, Size};
 
 /// `enum bpf_func_id`.
 const BPF_FUNC_MAP_LOOKUP_ELEM: i32 = 1;
+const BPF_FUNC_GET_SOCKET_COOKIE: i32 = 46;
 const BPF_FUNC_SK_SELECT_REUSEPORT: i32 = 82;
 
 /// `enum sk_action`.
 const SK_PASS: i32 = 1;
 
-/// Offset of `migrating_sk` in `struct sk_reuseport_md` (after data, data_end, five u32s and
-/// padding, and `sk`).
+/// Offsets of `sk` and `migrating_sk` in `struct sk_reuseport_md` (after data, data_end, five
+/// u32s and padding).
+const MD_SK: i16 = 40;
 const MD_MIGRATING_SK: i16 = 48;
 
 /// Byte offsets in the `state` value.
@@ -131,10 +159,11 @@ pub const STATE_VALUE_SIZE: u32 = 24;
 /// Byte offsets in a `counts` value.
 pub const COUNT_STEERED: usize = 0;
 pub const COUNT_MIGRATED_IN: usize = 8;
-pub const COUNT_VALUE_SIZE: u32 = 16;
+pub const COUNT_MIGRATED_OUT: usize = 16;
+pub const COUNT_VALUE_SIZE: u32 = 24;
 
 /// Instructions in the rotation program (a 64-bit immediate load counts as two).
-pub const RR_PROGRAM_LEN: usize = 58;
+pub const RR_PROGRAM_LEN: usize = 78;
 /// Instructions in the migrate-only program.
 pub const MIGRATE_ONLY_PROGRAM_LEN: usize = 2;
 
@@ -144,6 +173,7 @@ pub struct RrMaps<'a> {
     pub ring: BorrowedFd<'a>,
     pub state: BorrowedFd<'a>,
     pub counts: BorrowedFd<'a>,
+    pub origins: BorrowedFd<'a>,
 }
 
 /// Assembles the rotation program described in the module doc.
@@ -154,6 +184,7 @@ pub fn rr_program(maps: &RrMaps<'_>) -> Vec<Insn> {
     let pass = a.label();
     let migrated = a.label();
     let fallback_migrated = a.label();
+    let done = a.label();
 
     a.mov64_reg(R6, R1);
     a.load(Size::DW, R9, R6, MD_MIGRATING_SK);
@@ -210,7 +241,25 @@ pub fn rr_program(maps: &RrMaps<'_>) -> Vec<Insn> {
     a.ja(pass);
     a.bind(fallback_migrated);
     a.atomic_add64(R8, R1, STATE_FALLBACK_MIGRATED as i16);
+    // pass: a migration also counts as leaving the closing listener's slot
     a.bind(pass);
+    a.jeq_imm(R9, 0, done);
+    a.load(Size::DW, R1, R6, MD_SK);
+    a.call(BPF_FUNC_GET_SOCKET_COOKIE);
+    a.store_reg(Size::DW, R10, R0, -16);
+    a.mov64_reg(R2, R10).add64_imm(R2, -16);
+    a.load_map_fd(R1, maps.origins.as_raw_fd());
+    a.call(BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.jeq_imm(R0, 0, done);
+    a.load(Size::W, R1, R0, 0);
+    a.store_reg(Size::W, R10, R1, -4);
+    a.mov64_reg(R2, R10).add64_imm(R2, -4);
+    a.load_map_fd(R1, maps.counts.as_raw_fd());
+    a.call(BPF_FUNC_MAP_LOOKUP_ELEM);
+    a.jeq_imm(R0, 0, done);
+    a.mov64_imm(R1, 1);
+    a.atomic_add64(R0, R1, COUNT_MIGRATED_OUT as i16);
+    a.bind(done);
     a.mov64_imm(R0, SK_PASS);
     a.exit();
     a.finish()
@@ -238,6 +287,7 @@ mod tests {
             ring: fd,
             state: fd,
             counts: fd,
+            origins: fd,
         };
         assert_eq!(rr_program(&maps).len(), RR_PROGRAM_LEN);
         assert_eq!(migrate_only_program().len(), MIGRATE_ONLY_PROGRAM_LEN);
@@ -252,6 +302,7 @@ mod tests {
             ring: fd,
             state: fd,
             counts: fd,
+            origins: fd,
         });
         for (i, insn) in p.iter().enumerate() {
             let class_jmp = insn.code & 0x07 == 0x05;
@@ -279,13 +330,17 @@ mod tests {
             ring: fd,
             state: fd,
             counts: fd,
+            origins: fd,
         });
         let call = |i: usize| (p[i].code, p[i].imm);
         assert_eq!((p[1].code, p[1].off), (0x79, MD_MIGRATING_SK)); // r9 = ctx->migrating_sk
-        for i in [5, 12, 25, 32, 41] {
+        for i in [5, 12, 25, 32, 41, 62, 70] {
             assert_eq!(p[i].code, 0x18, "ld_imm64 map at {i}");
         }
-        for i in [7, 14, 27, 43] {
+        assert_eq!((p[57].code, p[57].off), (0x79, MD_SK)); // r1 = ctx->sk
+        assert_eq!(call(58), (0x85, BPF_FUNC_GET_SOCKET_COOKIE));
+        assert_eq!((p[75].code, p[75].off), (0xdb, 16)); // migrated_out += 1
+        for i in [7, 14, 27, 43, 64, 72] {
             assert_eq!(call(i), (0x85, BPF_FUNC_MAP_LOOKUP_ELEM), "lookup at {i}");
         }
         assert_eq!(call(37), (0x85, BPF_FUNC_SK_SELECT_REUSEPORT));
@@ -298,7 +353,7 @@ mod tests {
                 "atomic add at {i}"
             );
         }
-        // Every jump to `fallback` lands on 51, every jump to `pass` on 56.
+        // Every jump to `fallback` lands on 51, to `pass` on 56, to `done` on 76.
         for (i, target) in [
             (8, 56),
             (15, 51),
@@ -306,7 +361,12 @@ mod tests {
             (28, 51),
             (38, 51),
             (44, 56),
+            (48, 56),
             (50, 56),
+            (54, 56),
+            (56, 76),
+            (65, 76),
+            (73, 76),
         ] {
             assert_eq!(i as i16 + 1 + p[i].off, target, "jump at {i}");
         }

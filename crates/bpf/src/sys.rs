@@ -25,6 +25,7 @@ const BPF_PROG_LOAD: libc::c_int = 5;
 
 // `enum bpf_map_type`.
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
+pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 pub const BPF_MAP_TYPE_REUSEPORT_SOCKARRAY: u32 = 20;
 
 /// Map flag: the map's values can be `mmap`ed (ARRAY maps, Linux 5.5).
@@ -145,17 +146,19 @@ pub fn map_create(
 }
 
 /// `map[key] = value` with `BPF_ANY` (create or replace). For a `REUSEPORT_SOCKARRAY` the value
-/// is the listener's fd as a u64; the kernel stores the socket, not the fd.
-pub fn map_update_u32_key<V: Copy>(map: BorrowedFd<'_>, key: u32, value: &V) -> io::Result<()> {
+/// is the listener's fd as a u64; the kernel stores the socket, not the fd. `K` and `V` must be
+/// exactly the map's key and value sizes (the kernel reads that many bytes from each pointer):
+/// the callers, all in this crate, pass the types the maps were created with.
+pub fn map_update<K: Copy, V: Copy>(map: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
     let mut attr = MapElemAttr {
         map_fd: map.as_raw_fd() as u32,
-        key: &key as *const u32 as u64,
+        key: key as *const K as u64,
         value: value as *const V as u64,
         ..Default::default()
     };
     // SAFETY: MapElemAttr is the BPF_MAP_UPDATE_ELEM layout; `key` and `value` point at live
-    // locals of the map's key and value sizes (the callers pass the types the maps were created
-    // with), read by the kernel during the call only.
+    // values of the map's key and value sizes (see above), read by the kernel during the call
+    // only.
     unsafe { bpf(BPF_MAP_UPDATE_ELEM, &mut attr)? };
     Ok(())
 }

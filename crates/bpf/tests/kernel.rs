@@ -294,6 +294,17 @@ fn queued_connections_migrate_when_a_removed_listener_closes() {
         .map(|&s| group.count(s).migrated_in)
         .collect();
     assert_eq!(migrated, vec![0, 5, 5]);
+    let gone: Vec<u64> = [0, 1, 2]
+        .iter()
+        .map(|&s| group.count(s).migrated_out)
+        .collect();
+    assert_eq!(gone, vec![10, 0, 0]);
+    // What each slot's workers were given: slot 0 none, the others their own and half of 0's.
+    let received: Vec<u64> = [0, 1, 2]
+        .iter()
+        .map(|&s| group.count(s).received())
+        .collect();
+    assert_eq!(received, vec![0, 15, 15]);
     assert_eq!(group.fallbacks(), Default::default());
 }
 
@@ -325,6 +336,7 @@ fn queued_connections_migrate_even_if_the_listener_closes_before_remove() {
     let f = group.fallbacks();
     let migrated_in: u64 = [1, 2].iter().map(|&s| group.count(s).migrated_in).sum();
     assert_eq!(migrated_in + f.migrated, 10, "{f:?}");
+    assert_eq!(group.count(0).migrated_out, 10);
     assert!(
         f.migrated > 0,
         "the closed slot was still in the ring: some selections must fail"
@@ -736,6 +748,8 @@ fn scale_down_and_up_under_connection_per_request_load_loses_nothing() {
     let counts = counters.counts();
     let steered: u64 = counts.iter().map(|c| c.steered).sum();
     let migrated: u64 = counts.iter().map(|c| c.migrated_in).sum();
+    let migrated_out: u64 = counts.iter().map(|c| c.migrated_out).sum();
+    let received: u64 = counts.iter().map(|c| c.received()).sum();
     let f = counters.fallbacks();
     println!(
         "{ok} requests, {} errors, {served} served, steered {steered}, migrated {migrated}, \
@@ -756,6 +770,9 @@ fn scale_down_and_up_under_connection_per_request_load_loses_nothing() {
         migrated + f.migrated > 0,
         "the hung worker's queue did not migrate"
     );
+    assert_eq!(migrated_out, migrated + f.migrated);
+    // In all, what the program says the slots received is what the workers served.
+    assert_eq!(received + f.new + f.migrated, ok);
 }
 
 /// Why the doc says to attach on a *listening* socket: attaching to a socket that is only bound
