@@ -329,7 +329,8 @@ impl RrGroup {
     }
 
     /// Makes the program the selector of the reuseport group `listener` belongs to. `listener`
-    /// must be a bound (normally listening) `SO_REUSEPORT` socket of that group.
+    /// must be a *listening* `SO_REUSEPORT` socket of that group: one only bound would get a
+    /// group of its own, and its `listen` would then fail with `EADDRINUSE`.
     pub fn attach(&self, listener: BorrowedFd<'_>) -> Result<(), BpfError> {
         sys::attach_reuseport_prog(listener, self.prog.as_fd()).map_err(|err| BpfError::Sys {
             op: "attach the reuseport-rr program (SO_ATTACH_REUSEPORT_EBPF)",
