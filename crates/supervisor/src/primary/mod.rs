@@ -244,7 +244,14 @@ impl Primary {
                 Wake::Readable(k) => self.read_worker(k, READ_BURST, false),
                 Wake::Writable(k) => self.on_writable(k),
                 Wake::Accept(i) => self.accept_from(i),
-                Wake::Start => self.run_due_starts(),
+                Wake::Start => {
+                    self.run_due_starts();
+                    // Starting is the one wake-up that needs no I/O readiness, so it could stay
+                    // ready turn after turn without the task ever yielding: the reactor would
+                    // not be polled and no connection accepted until every start is done. Yield
+                    // after each burst so the runtime polls the reactor.
+                    tokio::task::yield_now().await;
+                }
             }
             self.settle();
             if let Some(e) = self.fatal.take() {
