@@ -80,7 +80,7 @@ struct RunArgs {
     /// Number of workers (default: available CPUs).
     #[arg(short = 'w', long, value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
     workers: Option<u32>,
-    /// Dispatch policy: rr, least-conn, none, reuseport (default: $ROUNDHOUSE_SCHED_POLICY or rr).
+    /// Dispatch policy: rr, least-conn, none, reuseport, reuseport-rr (default: $ROUNDHOUSE_SCHED_POLICY or rr).
     #[arg(long, value_name = "P")]
     policy: Option<Policy>,
     /// HTTP admin endpoint address (/stats, /metrics, /healthz).

@@ -19,6 +19,9 @@ pub enum Policy {
     None,
     /// Every worker slot gets its own `SO_REUSEPORT` listeners; the kernel spreads.
     ReusePort,
+    /// As `ReusePort`, and an eBPF `SK_REUSEPORT` program attached by the primary picks the
+    /// listener in strict rotation over the online workers.
+    ReusePortRr,
 }
 
 impl Policy {
@@ -28,7 +31,12 @@ impl Policy {
             Policy::LeastConn => "least-conn",
             Policy::None => "none",
             Policy::ReusePort => "reuseport",
+            Policy::ReusePortRr => "reuseport-rr",
         }
+    }
+    /// Whether every worker slot has listeners of its own (`SO_REUSEPORT`).
+    pub fn per_slot_listeners(self) -> bool {
+        matches!(self, Policy::ReusePort | Policy::ReusePortRr)
     }
     /// Whether the primary accepts and hands off connections itself.
     pub fn hands_off(self) -> bool {
@@ -50,8 +58,9 @@ impl FromStr for Policy {
             "least-conn" => Ok(Policy::LeastConn),
             "none" => Ok(Policy::None),
             "reuseport" => Ok(Policy::ReusePort),
+            "reuseport-rr" => Ok(Policy::ReusePortRr),
             other => Err(format!(
-                "unknown policy '{other}' (expected rr, least-conn, none or reuseport)"
+                "unknown policy '{other}' (expected rr, least-conn, none, reuseport or reuseport-rr)"
             )),
         }
     }

@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn policies() {
-        for p in ["rr", "least-conn", "none", "reuseport"] {
+        for p in ["rr", "least-conn", "none", "reuseport", "reuseport-rr"] {
             assert_eq!(p.parse::<Policy>().unwrap().as_str(), p);
         }
         assert!("fair".parse::<Policy>().is_err());

@@ -72,6 +72,8 @@ pub enum RunError {
     Control(#[from] control::ControlError),
     #[error("could not start the primary: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Bpf(#[from] roundhouse_bpf::BpfError),
     #[error("the primary thread panicked")]
     Panicked,
 }
@@ -235,7 +237,7 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
     }
     let exe = spawn::resolve_command(&cfg.command)?;
     raise_fd_limit();
-    let reuse = cfg.policy == Policy::ReusePort;
+    let reuse = cfg.policy.per_slot_listeners();
     let mut listeners = Vec::new();
     for addr in &cfg.listen {
         let l = listen::bind(*addr, cfg.backlog, reuse)?;

@@ -350,7 +350,7 @@ impl Primary {
     /// Creates (or revives) slot `id`, binding its own listeners under `reuseport`.
     pub(super) fn add_slot(&mut self, id: u32) -> Result<(), RunError> {
         let mut reuse = Vec::new();
-        if self.cfg.policy == Policy::ReusePort {
+        if self.cfg.policy.per_slot_listeners() {
             for addr in &self.addrs {
                 reuse.push(
                     crate::listen::bind(*addr, self.cfg.backlog, true).map_err(RunError::Bind)?,
@@ -404,7 +404,7 @@ impl Primary {
         };
         let listeners: Vec<&TcpListener> = match self.cfg.policy {
             Policy::None => self.shared.iter().collect(),
-            Policy::ReusePort => self.pool.slots[idx].reuse.iter().collect(),
+            Policy::ReusePort | Policy::ReusePortRr => self.pool.slots[idx].reuse.iter().collect(),
             _ => Vec::new(),
         };
         let env = self.worker_env(id, listeners.len());
@@ -533,6 +533,10 @@ impl Primary {
         w.life = Life::Online;
         w.online_at = Some(now);
         let (id, pid, role) = (w.slot, w.pid, w.role);
+        if role == Role::Current {
+            // In the kernel's rotation before anyone is told it is online.
+            self.sync_kernel_rotation();
+        }
         info!(worker.id = id, worker.pid = pid, "worker online");
         let _ = self.events.send(Event::Online { id, pid });
         self.ops.any_online_ever = true;
@@ -593,6 +597,8 @@ impl Primary {
                         deadline: now + grace,
                     };
                     info!(worker.id = w.slot, worker.pid = w.pid, "draining worker");
+                    // Out of the kernel's rotation before it stops accepting.
+                    self.sync_kernel_rotation();
                     self.send_control(k, Control::Drain);
                     self.rotation_dirty = true;
                     return;

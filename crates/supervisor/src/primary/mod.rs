@@ -29,6 +29,7 @@
 //! front of the held queue and on to the next worker.
 
 mod dispatch;
+mod kernel_rr;
 mod lifecycle;
 mod link;
 mod ops;
@@ -142,6 +143,8 @@ pub(crate) struct Primary {
     /// once the slots have their own.
     shared: Vec<TcpListener>,
     dispatch: Dispatch<Conn>,
+    /// `reuseport-rr`: the rotation chosen in the kernel.
+    kernel_rr: Option<kernel_rr::KernelRotation>,
     /// A worker came or went (or its state changed): rebuild the rotation before dispatching.
     rotation_dirty: bool,
     pool: Pool,
@@ -196,6 +199,7 @@ impl Primary {
             },
             shared,
             dispatch: Dispatch::new(cfg.policy == Policy::LeastConn, MAX_HELD),
+            kernel_rr: None,
             rotation_dirty: false,
             pool: Pool::default(),
             ops: Ops::default(),
@@ -225,7 +229,11 @@ impl Primary {
             self.pool
                 .request_start((id - 1) as usize, Duration::ZERO, false);
         }
-        if self.cfg.policy == Policy::ReusePort {
+        if self.cfg.policy == Policy::ReusePortRr {
+            let first = &self.pool.slots()[0].reuse;
+            self.kernel_rr = Some(kernel_rr::KernelRotation::new(first).map_err(RunError::Bpf)?);
+        }
+        if self.cfg.policy.per_slot_listeners() {
             // Every slot has its own listeners now; the primary's must leave the group (the
             // kernel would queue connections on them that nobody accepts).
             self.shared.clear();
@@ -388,8 +396,25 @@ impl Primary {
         }
     }
 
+    /// `reuseport-rr`: the kernel's rotation becomes the slots whose worker is online.
+    fn sync_kernel_rotation(&mut self) {
+        let Some(kr) = &mut self.kernel_rr else {
+            return;
+        };
+        let pool = &self.pool;
+        let online = pool.slots().iter().filter(|s| {
+            s.current
+                .and_then(|k| pool.get(k))
+                .is_some_and(|w| matches!(w.life, Life::Online))
+        });
+        if let Err(e) = kr.sync(online.map(|s| (s.id, s.reuse.as_slice()))) {
+            error!("could not update the reuseport-rr rotation: {e}");
+        }
+    }
+
     fn rebuild_rotation(&mut self) {
         self.rotation_dirty = false;
+        self.sync_kernel_rotation();
         let policy = self.cfg.policy;
         let pool = &self.pool;
         self.dispatch.set_rotation(
@@ -669,10 +694,12 @@ impl Primary {
         let due = matches!(w.life, Life::Online) && w.recycle_at.is_some_and(|n| s.requests >= n);
         let load = w.load(policy);
         self.dispatch.set_load(k, load);
+        // Under reuseport-rr the kernel counts connections itself.
         self.pool.count_reported(
             slot,
             s.requests - prev.requests,
-            (!policy.hands_off()).then(|| s.accepted - prev.accepted),
+            (!policy.hands_off() && policy != Policy::ReusePortRr)
+                .then(|| s.accepted - prev.accepted),
         );
         // Recycle once past --max-requests; if a reload is running, retry at the next STATS
         // (or at a tick).

@@ -95,6 +95,9 @@ impl Primary {
                 for s in self.pool.slots_mut() {
                     s.counters = Default::default();
                 }
+                if let Some(kr) = &mut self.kernel_rr {
+                    kr.reset();
+                }
                 let _ = reply.send(());
             }
             Request::Reload { reply } => self.begin_reload(reply),
@@ -468,18 +471,22 @@ impl Primary {
                 continue;
             }
             let current = s.current.and_then(|k| self.pool.get(k));
+            let connections_total = match &self.kernel_rr {
+                Some(kr) => kr.connections(s.id),
+                None => s.counters.connections_total,
+            };
             workers.push(WorkerStats {
                 id: s.id,
                 pid: current.map(|w| w.pid),
                 state: Primary::public_state(current),
-                connections_total: s.counters.connections_total,
+                connections_total,
                 connections_active: active_by_slot[i],
                 requests_total: s.counters.requests_total,
                 connections_lost: s.counters.connections_lost,
                 restarts: s.counters.restarts,
                 rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
             });
-            totals.connections_total += s.counters.connections_total;
+            totals.connections_total += connections_total;
             totals.requests_total += s.counters.requests_total;
             totals.connections_lost += s.counters.connections_lost;
         }
