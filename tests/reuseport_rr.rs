@@ -98,6 +98,26 @@ fn a_killed_worker_is_skipped_and_rejoins_when_back_online() {
 #[test]
 fn scaling_down_and_up_under_load_resets_no_connection() {
     let Some(p) = start_rr(4, &[]) else { return };
+    scale_cycles_lose_nothing(&p, "reuseport-rr");
+}
+
+/// Plain `reuseport` gets the migration half of the program: a slot scaled away no longer
+/// resets the connections the kernel had queued on its listener.
+#[test]
+fn plain_reuseport_scaling_down_under_load_resets_no_connection() {
+    let p = Primary::builder()
+        .workers(4)
+        .args(&["--policy", "reuseport"])
+        .start();
+    p.wait_ready();
+    if p.count("migration program could not be attached") > 0 {
+        eprintln!("skipped: no BPF here:\n{}", p.log());
+        return;
+    }
+    scale_cycles_lose_nothing(&p, "reuseport");
+}
+
+fn scale_cycles_lose_nothing(p: &Primary, policy: &str) {
     p.wait_ready();
     let load = Load::start(p.addr(), 4, "/", LoadMode::PerRequest);
     assert!(load.wait_ok(100, STARTUP), "no progress");
@@ -118,7 +138,7 @@ fn scaling_down_and_up_under_load_resets_no_connection() {
     }
     let report = load.finish();
     eprintln!(
-        "FIGURE reuseport-rr 4 cycles of scale 4->2->4 under connection-per-request load: ok={} \
+        "FIGURE {policy} 4 cycles of scale 4->2->4 under connection-per-request load: ok={} \
          failed={}",
         report.ok,
         report.failures.len()

@@ -39,6 +39,8 @@
 //!
 //! Counters drop to zero after `POST /stats/reset`; Prometheus treats that as a counter reset.
 
+#![forbid(unsafe_code)]
+
 use std::convert::Infallible;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;

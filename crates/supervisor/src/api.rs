@@ -9,6 +9,8 @@
 //! If the owner has stopped (receiver dropped) or drops a reply sender without answering,
 //! callers get [`ApiError::Gone`].
 
+#![forbid(unsafe_code)]
+
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 

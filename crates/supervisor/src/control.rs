@@ -20,6 +20,8 @@
 //! an error response, never a panic. The client side ([`request`], [`stop_and_wait`]) is
 //! synchronous (std sockets with timeouts) so the CLI needs no runtime for it.
 
+#![forbid(unsafe_code)]
+
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
@@ -48,7 +50,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time [`request`] waits for an answer.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Highest worker count `scale` accepts (as `--workers`).
-pub const MAX_WORKERS: u32 = 1024;
+pub use crate::config::MAX_WORKERS;
 
 /// What can go wrong on either side of the control socket.
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,8 @@
 //! Fairness is computed over the slots' `connections_total` (see [`fairness`] for the exact
 //! definitions, including what each figure is when a slot has handled nothing).
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

@@ -74,3 +74,14 @@ impl KernelRotation {
         }
     }
 }
+
+/// Plain `reuseport`: a 2-instruction program that leaves the choice to the kernel's hash but
+/// lets it *migrate* the connections queued on a listener that closes (a slot scaled away)
+/// instead of resetting them. Attached once per address, through `first` (slot 1's listeners);
+/// the program stays with the group after its handle is dropped.
+pub(crate) fn attach_migration(first: &[TcpListener]) -> Result<(), BpfError> {
+    for l in first {
+        roundhouse_bpf::MigrateOnly::new()?.attach(l.as_fd())?;
+    }
+    Ok(())
+}

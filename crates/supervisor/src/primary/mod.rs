@@ -28,6 +28,8 @@
 //! or refuses before acknowledging costs the client nothing: the connection goes back to the
 //! front of the held queue and on to the next worker.
 
+#![forbid(unsafe_code)]
+
 mod dispatch;
 mod kernel_rr;
 mod lifecycle;
@@ -232,6 +234,13 @@ impl Primary {
         if self.cfg.policy == Policy::ReusePortRr {
             let first = &self.pool.slots()[0].reuse;
             self.kernel_rr = Some(kernel_rr::KernelRotation::new(first).map_err(RunError::Bpf)?);
+        }
+        if self.cfg.policy == Policy::ReusePort {
+            if let Err(e) = kernel_rr::attach_migration(&self.pool.slots()[0].reuse) {
+                warn!(
+                    "reuseport: connections queued on a removed worker's listener will be reset                      on scale-down (the migration program could not be attached: {e})"
+                );
+            }
         }
         if self.cfg.policy.per_slot_listeners() {
             // Every slot has its own listeners now; the primary's must leave the group (the
