@@ -236,9 +236,9 @@ fn render_status(stats: &StatsSnapshot) -> String {
                 w.id.to_string(),
                 w.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
                 w.state.to_string(),
-                w.connections_total.to_string(),
-                w.connections_active.to_string(),
-                w.requests_total.to_string(),
+                known(w.connections_total),
+                known(w.connections_active),
+                known(w.requests_total),
                 w.connections_lost.to_string(),
                 w.restarts.to_string(),
                 human_bytes(w.rss_bytes),
@@ -286,15 +286,31 @@ fn render_status(stats: &StatsSnapshot) -> String {
     let _ = writeln!(
         out,
         "total: {} connections, {} requests, {} lost",
-        t.connections_total, t.requests_total, t.connections_lost
+        known(t.connections_total),
+        known(t.requests_total),
+        t.connections_lost
     );
-    let f = &stats.fairness;
-    let _ = writeln!(
-        out,
-        "fairness ({}): jain {:.4}  max/min {:.2}  cv {:.3}",
-        f.metric, f.jain, f.max_min_ratio, f.cv
-    );
+    match &stats.fairness {
+        Some(f) => {
+            let _ = writeln!(
+                out,
+                "fairness ({}): jain {:.4}  max/min {:.2}  cv {:.3}",
+                f.metric, f.jain, f.max_min_ratio, f.cv
+            );
+        }
+        None => {
+            let _ = writeln!(
+                out,
+                "fairness: unknown (roundhouse cannot see these workers' connections)"
+            );
+        }
+    }
     out
+}
+
+/// A figure roundhouse knows, or `-` for one it cannot (plain workers).
+fn known(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |n| n.to_string())
 }
 
 #[cfg(test)]
@@ -314,9 +330,9 @@ mod tests {
             id,
             pid,
             state,
-            connections_total: conns,
-            connections_active: 1,
-            requests_total: conns * 2,
+            connections_total: Some(conns),
+            connections_active: Some(1),
+            requests_total: Some(conns * 2),
             connections_lost: 0,
             restarts: u64::from(id == 2),
             rss_bytes: rss,

@@ -107,6 +107,10 @@ struct RunArgs {
     /// Workers are Node.js programs: speak Node's IPC channel and preload the roundhouse shim.
     #[arg(long)]
     node: bool,
+    /// Workers speak no channel protocol (gunicorn, uvicorn, any LISTEN_FDS server): online once
+    /// started, drained by SIGTERM. Only with --policy none, reuseport or reuseport-rr.
+    #[arg(long)]
+    plain: bool,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -198,6 +202,9 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if args.node {
         builder = builder.node(true);
+    }
+    if args.plain {
+        builder = builder.plain(true);
     }
     match signals::run(builder) {
         Ok(()) => ExitCode::SUCCESS,

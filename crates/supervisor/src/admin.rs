@@ -234,11 +234,16 @@ pub fn render_metrics(snapshot: &StatsSnapshot) -> String {
         if let Some(p) = w.pid {
             pid.get_or_create(&label).set(u64::from(p));
         }
-        connections
-            .get_or_create(&label)
-            .inc_by(w.connections_total);
-        active.get_or_create(&label).set(w.connections_active);
-        requests.get_or_create(&label).inc_by(w.requests_total);
+        // A figure roundhouse cannot know (`--plain`) is absent, not 0.
+        if let Some(n) = w.connections_total {
+            connections.get_or_create(&label).inc_by(n);
+        }
+        if let Some(n) = w.connections_active {
+            active.get_or_create(&label).set(n);
+        }
+        if let Some(n) = w.requests_total {
+            requests.get_or_create(&label).inc_by(n);
+        }
         lost.get_or_create(&label).inc_by(w.connections_lost);
         restarts.get_or_create(&label).inc_by(w.restarts);
         rss.get_or_create(&label).set(w.rss_bytes);
@@ -291,32 +296,36 @@ pub fn render_metrics(snapshot: &StatsSnapshot) -> String {
         (
             "connections_lost",
             "Acknowledged connections lost with their worker, all slots",
-            snapshot.totals.connections_lost,
+            Some(snapshot.totals.connections_lost),
         ),
     ] {
+        let Some(value) = value else { continue };
         let counter = Counter::<u64>::default();
         counter.inc_by(value);
         registry.register(name, help, counter);
     }
 
-    let f = &snapshot.fairness;
-    for (name, help, value) in [
-        (
-            "fairness_jain",
-            "Jain's fairness index over the slots' connections_total (1 is even)",
-            f.jain,
-        ),
-        (
-            "fairness_max_min_ratio",
-            "Largest over smallest slot connections_total (1 is even)",
-            f.max_min_ratio,
-        ),
-        (
-            "fairness_cv",
-            "Coefficient of variation of the slots' connections_total (0 is even)",
-            f.cv,
-        ),
-    ] {
+    let fairness = snapshot.fairness.iter().flat_map(|f| {
+        [
+            (
+                "fairness_jain",
+                "Jain's fairness index over the slots' connections_total (1 is even)",
+                f.jain,
+            ),
+            (
+                "fairness_max_min_ratio",
+                "Largest over smallest slot connections_total (1 is even)",
+                f.max_min_ratio,
+            ),
+            (
+                "fairness_cv",
+                "Coefficient of variation of the slots' connections_total (0 is even)",
+                f.cv,
+            ),
+        ]
+    });
+    // Absent when no slot's connections are known.
+    for (name, help, value) in fairness {
         let gauge = Gauge::<f64, AtomicU64>::default();
         gauge.set(value);
         registry.register(name, help, gauge);
@@ -612,15 +621,15 @@ mod tests {
             let get = |name: &str| m[&format!("{name}{l}")];
             assert_eq!(
                 get("roundhouse_worker_connections_total"),
-                w.connections_total as f64
+                w.connections_total.unwrap() as f64
             );
             assert_eq!(
                 get("roundhouse_worker_connections_active"),
-                w.connections_active as f64
+                w.connections_active.unwrap() as f64
             );
             assert_eq!(
                 get("roundhouse_worker_requests_total"),
-                w.requests_total as f64
+                w.requests_total.unwrap() as f64
             );
             assert_eq!(
                 get("roundhouse_worker_connections_lost_total"),
@@ -644,12 +653,10 @@ mod tests {
         assert_eq!(m["roundhouse_connections_total"], 300.0);
         assert_eq!(m["roundhouse_requests_total"], 900.0);
         assert_eq!(m["roundhouse_connections_lost_total"], 3.0);
-        assert_eq!(m["roundhouse_fairness_jain"], s.fairness.jain);
-        assert_eq!(
-            m["roundhouse_fairness_max_min_ratio"],
-            s.fairness.max_min_ratio
-        );
-        assert_eq!(m["roundhouse_fairness_cv"], s.fairness.cv);
+        let f = s.fairness.expect("known");
+        assert_eq!(m["roundhouse_fairness_jain"], f.jain);
+        assert_eq!(m["roundhouse_fairness_max_min_ratio"], f.max_min_ratio);
+        assert_eq!(m["roundhouse_fairness_cv"], f.cv);
     }
 
     #[test]

@@ -239,9 +239,9 @@ pub(crate) mod fake {
             id,
             pid: Some(4000 + id),
             state: WorkerState::Online,
-            connections_total,
-            connections_active: 2,
-            requests_total: connections_total * 3,
+            connections_total: Some(connections_total),
+            connections_active: Some(2),
+            requests_total: Some(connections_total * 3),
             connections_lost: id as u64 - 1,
             restarts: 1,
             rss_bytes: 5 * 1024 * 1024 + id as u64,
@@ -280,8 +280,8 @@ pub(crate) mod fake {
                     Request::ResetStats { reply } => {
                         let mut s = o.snapshot.lock().unwrap();
                         for w in &mut s.workers {
-                            w.connections_total = 0;
-                            w.requests_total = 0;
+                            w.connections_total = Some(0);
+                            w.requests_total = Some(0);
                             w.connections_lost = 0;
                             w.restarts = 0;
                         }

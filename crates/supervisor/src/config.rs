@@ -32,6 +32,9 @@ pub struct Config {
     pub node: bool,
     /// `--node`: where the preload shim is; `start` writes the embedded one when `None`.
     pub node_shim: Option<PathBuf>,
+    /// Workers speak no channel protocol (socket-activated servers): online once `execve`
+    /// succeeded, drained by `SIGTERM`. Only where workers accept themselves.
+    pub plain: bool,
 }
 
 impl Config {
@@ -54,6 +57,7 @@ impl Config {
             control: None,
             node: false,
             node_shim: None,
+            plain: false,
         }
     }
 }

@@ -149,6 +149,12 @@ impl Builder {
         self.cfg.node = on;
         self
     }
+    /// Workers speak no channel protocol: any socket-activation-aware server (gunicorn,
+    /// uvicorn, ...). Only with `none`, `reuseport` or `reuseport-rr`.
+    pub fn plain(mut self, on: bool) -> Self {
+        self.cfg.plain = on;
+        self
+    }
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -234,6 +240,20 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
     }
     if cfg.listen.len() > 60 {
         return Err(RunError::Config("at most 60 listeners".into()));
+    }
+    if cfg.plain && cfg.policy.hands_off() {
+        return Err(RunError::Config(format!(
+            "--plain needs a policy where workers accept on their own listeners (none, reuseport \
+             or reuseport-rr): under {} the primary hands connections over a channel that a \
+             plain worker does not have",
+            cfg.policy
+        )));
+    }
+    if cfg.plain && cfg.node {
+        return Err(RunError::Config(
+            "--plain and --node exclude each other: a --node worker speaks Node's IPC channel"
+                .into(),
+        ));
     }
     let exe = spawn::resolve_command(&cfg.command)?;
     raise_fd_limit();

@@ -21,7 +21,7 @@ pub const FAIRNESS_METRIC: &str = "connections_total";
 /// The whole `/stats` document.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsSnapshot {
-    /// The dispatch policy: `rr`, `least-conn`, `none` or `reuseport`.
+    /// The dispatch policy: `rr`, `least-conn`, `none`, `reuseport` or `reuseport-rr`.
     pub policy: String,
     /// Seconds since the primary started.
     pub uptime_s: f64,
@@ -30,7 +30,8 @@ pub struct StatsSnapshot {
     /// One entry per worker slot, in slot order.
     pub workers: Vec<WorkerStats>,
     pub totals: Totals,
-    pub fairness: Fairness,
+    /// Over the slots whose `connections_total` is known; `null` when none is.
+    pub fairness: Option<Fairness>,
 }
 
 impl StatsSnapshot {
@@ -43,14 +44,14 @@ impl StatsSnapshot {
         workers: Vec<WorkerStats>,
     ) -> Self {
         let totals = Totals::sum(&workers);
-        let per_slot: Vec<u64> = workers.iter().map(|w| w.connections_total).collect();
+        let fairness = fairness_of(&workers);
         StatsSnapshot {
             policy: policy.into(),
             uptime_s,
             listeners,
             workers,
             totals,
-            fairness: fairness(&per_slot),
+            fairness,
         }
     }
 
@@ -68,12 +69,14 @@ pub struct WorkerStats {
     /// The current process, `null` while the slot has none (between a death and its restart).
     pub pid: Option<u32>,
     pub state: WorkerState,
-    /// Connections handed to (or, under `none`/`reuseport`, accepted by) this slot.
-    pub connections_total: u64,
-    /// Connections currently open in this slot.
-    pub connections_active: u64,
-    /// Requests served by this slot, as reported by its workers.
-    pub requests_total: u64,
+    /// Connections handed to (or, under `none`/`reuseport`, accepted by; under `reuseport-rr`,
+    /// steered by the kernel to) this slot. `null` where roundhouse cannot know (`--plain`
+    /// workers under `none`/`reuseport`).
+    pub connections_total: Option<u64>,
+    /// Connections currently open in this slot; `null` for `--plain` workers.
+    pub connections_active: Option<u64>,
+    /// Requests served by this slot, as reported by its workers; `null` for `--plain` workers.
+    pub requests_total: Option<u64>,
     /// Acknowledged connections that were still open when the slot's worker died.
     pub connections_lost: u64,
     /// Times this slot's worker was replaced after an unexpected exit.
@@ -118,23 +121,41 @@ impl std::fmt::Display for WorkerState {
     }
 }
 
-/// Sums over all slots.
+/// Sums over all slots; a figure no slot knows is `null`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
-    pub connections_total: u64,
-    pub requests_total: u64,
+    pub connections_total: Option<u64>,
+    pub requests_total: Option<u64>,
     pub connections_lost: u64,
+}
+
+/// Sum of the known values (saturating), `None` when none is known.
+fn sum_known(values: impl Iterator<Item = Option<u64>>) -> Option<u64> {
+    values.flatten().fold(None, |acc: Option<u64>, x| {
+        Some(acc.unwrap_or(0).saturating_add(x))
+    })
 }
 
 impl Totals {
     /// Adds up the slots' counters (saturating: a sum never wraps).
     pub fn sum(workers: &[WorkerStats]) -> Totals {
-        workers.iter().fold(Totals::default(), |t, w| Totals {
-            connections_total: t.connections_total.saturating_add(w.connections_total),
-            requests_total: t.requests_total.saturating_add(w.requests_total),
-            connections_lost: t.connections_lost.saturating_add(w.connections_lost),
-        })
+        Totals {
+            connections_total: sum_known(workers.iter().map(|w| w.connections_total)),
+            requests_total: sum_known(workers.iter().map(|w| w.requests_total)),
+            connections_lost: workers
+                .iter()
+                .fold(0u64, |t, w| t.saturating_add(w.connections_lost)),
+        }
     }
+}
+
+/// Fairness over the slots whose `connections_total` is known; `None` when no slot's is.
+pub fn fairness_of(workers: &[WorkerStats]) -> Option<Fairness> {
+    let known: Vec<u64> = workers.iter().filter_map(|w| w.connections_total).collect();
+    if known.is_empty() && workers.iter().any(|w| w.connections_total.is_none()) {
+        return None;
+    }
+    Some(fairness(&known))
 }
 
 /// How evenly the load is spread over the slots.
@@ -304,24 +325,24 @@ mod tests {
                 id: 1,
                 pid: Some(4242),
                 state: WorkerState::Online,
-                connections_total: 100,
-                connections_active: 3,
-                requests_total: 250,
+                connections_total: Some(100),
+                connections_active: Some(3),
+                requests_total: Some(250),
                 connections_lost: 0,
                 restarts: 0,
                 rss_bytes: 5242880,
             }],
             totals: Totals {
-                connections_total: 400,
-                requests_total: 1000,
+                connections_total: Some(400),
+                requests_total: Some(1000),
                 connections_lost: 0,
             },
-            fairness: Fairness {
+            fairness: Some(Fairness {
                 metric: "connections_total".into(),
                 jain: 0.9999,
                 max_min_ratio: 1.01,
                 cv: 0.004,
-            },
+            }),
         }
     }
 
@@ -354,8 +375,8 @@ mod tests {
         let mut a = spec_snapshot().workers[0].clone();
         let mut b = a.clone();
         b.id = 2;
-        b.connections_total = 300;
-        b.requests_total = 750;
+        b.connections_total = Some(300);
+        b.requests_total = Some(750);
         b.connections_lost = 2;
         a.state = WorkerState::Draining;
         b.state = WorkerState::Stopped;
@@ -363,15 +384,40 @@ mod tests {
         assert_eq!(
             s.totals,
             Totals {
-                connections_total: 400,
-                requests_total: 1000,
+                connections_total: Some(400),
+                requests_total: Some(1000),
                 connections_lost: 2
             }
         );
-        assert_eq!(s.fairness, fairness(&[100, 300]));
+        assert_eq!(s.fairness, Some(fairness(&[100, 300])));
         assert!(!s.any_online());
         b.state = WorkerState::Online;
-        assert!(StatsSnapshot::new("rr", 0.0, vec![], vec![a, b]).any_online());
+        assert!(StatsSnapshot::new("rr", 0.0, vec![], vec![a.clone(), b.clone()]).any_online());
+    }
+
+    /// Promise 10: what roundhouse cannot see is `null`, never a made-up 0 or 1.0.
+    #[test]
+    fn unknown_figures_are_null_and_fairness_is_over_what_is_known() {
+        let mut a = spec_snapshot().workers[0].clone();
+        a.connections_total = None;
+        a.connections_active = None;
+        a.requests_total = None;
+        let mut b = a.clone();
+        b.id = 2;
+        let s = StatsSnapshot::new("none", 1.0, vec![], vec![a.clone(), b.clone()]);
+        let v = serde_json::to_value(&s).unwrap();
+        assert!(v["workers"][0]["requests_total"].is_null());
+        assert!(v["workers"][0]["connections_active"].is_null());
+        assert!(v["totals"]["connections_total"].is_null());
+        assert!(v["totals"]["requests_total"].is_null());
+        assert!(v["fairness"].is_null());
+        // Known connections (reuseport-rr counts them in the kernel), unknown requests.
+        a.connections_total = Some(10);
+        b.connections_total = Some(30);
+        let s = StatsSnapshot::new("reuseport-rr", 1.0, vec![], vec![a, b]);
+        assert_eq!(s.totals.connections_total, Some(40));
+        assert_eq!(s.totals.requests_total, None);
+        assert_eq!(s.fairness, Some(fairness(&[10, 30])));
     }
 
     #[test]

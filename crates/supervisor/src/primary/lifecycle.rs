@@ -384,24 +384,31 @@ impl Primary {
     /// logged and scheduled for retry.
     pub(super) fn start_worker(&mut self, idx: usize, role: Role) -> Option<usize> {
         let id = self.pool.slots[idx].id;
-        let pair = if self.cfg.node {
-            sys::stream_pair()
+        // A plain worker has no channel at all.
+        let channel = if self.cfg.plain {
+            None
         } else {
-            sys::seqpacket_pair()
-        };
-        let (primary_end, child_end) = match pair.and_then(|(p, c)| {
-            // The worker's end is its own open file description: make it blocking, as an
-            // inherited fd normally is (protocol.md section 2); the primary's stays non-blocking.
-            sys::set_blocking(&c)?;
-            Ok((p, c))
-        }) {
-            Ok(p) => p,
-            Err(e) => {
-                error!(worker.id = id, "could not create a channel: {e}");
-                self.schedule_restart(idx, false);
-                return None;
+            let pair = if self.cfg.node {
+                sys::stream_pair()
+            } else {
+                sys::seqpacket_pair()
+            };
+            match pair.and_then(|(p, c)| {
+                // The worker's end is its own open file description: make it blocking, as an
+                // inherited fd normally is (protocol.md section 2); the primary's stays
+                // non-blocking.
+                sys::set_blocking(&c)?;
+                Ok((p, c))
+            }) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    error!(worker.id = id, "could not create a channel: {e}");
+                    self.schedule_restart(idx, false);
+                    return None;
+                }
             }
         };
+        let (primary_end, child_end) = channel.unzip();
         let listeners: Vec<&TcpListener> = match self.cfg.policy {
             Policy::None => self.shared.iter().collect(),
             Policy::ReusePort | Policy::ReusePortRr => self.pool.slots[idx].reuse.iter().collect(),
@@ -410,7 +417,7 @@ impl Primary {
         let env = self.worker_env(id, listeners.len());
         let mut fds: Vec<std::os::fd::BorrowedFd<'_>> =
             listeners.iter().map(|l| l.as_fd()).collect();
-        fds.push(child_end.as_fd());
+        fds.extend(child_end.as_ref().map(|c| c.as_fd()));
         let mut argv = vec![self.cfg.command.clone()];
         argv.extend(self.cfg.args.iter().cloned());
         let spec = SpawnSpec {
@@ -441,8 +448,9 @@ impl Primary {
             }
         };
         let pid = forked.pid;
+        let node = self.cfg.node;
         let registered = crate::sys::register(forked.exec_status, Interest::READABLE)
-            .and_then(|exec| Ok((exec, Link::new(primary_end, self.cfg.node)?)));
+            .and_then(|exec| Ok((exec, primary_end.map(|c| Link::new(c, node)).transpose()?)));
         let (exec, link) = match registered {
             Ok(r) => r,
             Err(e) => {
@@ -470,7 +478,7 @@ impl Primary {
                 exec,
                 deadline: now + self.cfg.ready_timeout,
             },
-            link: Some(link),
+            link,
             acked: 0,
             reported: WireStats::default(),
             online_at: None,
@@ -506,8 +514,13 @@ impl Primary {
             ExecStatus::Pending => {}
             ExecStatus::Done => {
                 w.life = Life::Starting { deadline };
+                let plain = w.link.is_none();
                 info!(worker.id = id, worker.pid = pid, "worker started");
                 let _ = self.events.send(Event::Fork { id, pid });
+                if plain {
+                    // systemd's Type=exec: a plain worker is online once it runs the command.
+                    self.on_online(k);
+                }
             }
             ExecStatus::Failed(source) => {
                 let e = SpawnError::Exec {
@@ -597,9 +610,17 @@ impl Primary {
                         deadline: now + grace,
                     };
                     info!(worker.id = w.slot, worker.pid = w.pid, "draining worker");
+                    let plain = w.link.is_none();
                     // Out of the kernel's rotation before it stops accepting.
                     self.sync_kernel_rotation();
-                    self.send_control(k, Control::Drain);
+                    if plain {
+                        // A plain worker is drained the way socket-activated servers expect.
+                        if let Some(w) = self.pool.get(k) {
+                            w.signal(Signal::SIGTERM);
+                        }
+                    } else {
+                        self.send_control(k, Control::Drain);
+                    }
                     self.rotation_dirty = true;
                     return;
                 }
@@ -844,7 +865,11 @@ impl Primary {
                         .into(),
                     ))
                 }
-                Life::Online if hb.is_some_and(|t| now.duration_since(w.last_seen) >= t) => {
+                // A plain worker has no channel to be silent on.
+                Life::Online
+                    if w.link.is_some()
+                        && hb.is_some_and(|t| now.duration_since(w.last_seen) >= t) =>
+                {
                     warn!(
                         worker.id = w.slot,
                         worker.pid = w.pid,

@@ -843,7 +843,9 @@ impl Primary {
                 heartbeat_ms.to_string().into(),
             ),
         ];
-        if self.cfg.node {
+        if self.cfg.plain {
+            // No channel: nothing to announce but the listeners.
+        } else if self.cfg.node {
             env.extend(crate::node::worker_env(
                 channel_fd,
                 self.cfg.node_shim.as_deref(),

@@ -26,7 +26,7 @@ use crate::api::{OpError, Request, Target};
 use crate::config::MAX_WORKERS;
 use crate::events::ExitInfo;
 use crate::notify;
-use crate::stats::{self, StatsSnapshot, Totals, WorkerStats};
+use crate::stats::{StatsSnapshot, WorkerStats};
 
 type Reply = oneshot::Sender<Result<(), OpError>>;
 
@@ -450,9 +450,9 @@ impl Primary {
 
     pub(super) fn snapshot(&self) -> StatsSnapshot {
         let policy = self.cfg.policy;
+        let plain = self.cfg.plain;
         let slots = self.pool.slots();
         let mut workers = Vec::new();
-        let mut totals = Totals::default();
         // One pass over the processes (a slot may have two during a reload), not one per slot:
         // with 1024 workers a scrape must stay cheap for the owner thread.
         let mut active_by_slot = vec![0u64; slots.len()];
@@ -471,33 +471,29 @@ impl Primary {
                 continue;
             }
             let current = s.current.and_then(|k| self.pool.get(k));
+            // What a plain worker never reports is unknown, not 0 (promise 10); under
+            // reuseport-rr the kernel counts connections for every worker.
             let connections_total = match &self.kernel_rr {
-                Some(kr) => kr.connections(s.id),
-                None => s.counters.connections_total,
+                Some(kr) => Some(kr.connections(s.id)),
+                None => (!plain).then_some(s.counters.connections_total),
             };
             workers.push(WorkerStats {
                 id: s.id,
                 pid: current.map(|w| w.pid),
                 state: Primary::public_state(current),
                 connections_total,
-                connections_active: active_by_slot[i],
-                requests_total: s.counters.requests_total,
+                connections_active: (!plain).then_some(active_by_slot[i]),
+                requests_total: (!plain).then_some(s.counters.requests_total),
                 connections_lost: s.counters.connections_lost,
                 restarts: s.counters.restarts,
                 rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
             });
-            totals.connections_total += connections_total;
-            totals.requests_total += s.counters.requests_total;
-            totals.connections_lost += s.counters.connections_lost;
         }
-        let values: Vec<u64> = workers.iter().map(|w| w.connections_total).collect();
-        StatsSnapshot {
-            policy: policy.as_str().to_string(),
-            uptime_s: self.started.elapsed().as_secs_f64(),
-            listeners: self.addrs.iter().map(|a| a.to_string()).collect(),
+        StatsSnapshot::new(
+            policy.as_str(),
+            self.started.elapsed().as_secs_f64(),
+            self.addrs.iter().map(|a| a.to_string()).collect(),
             workers,
-            totals,
-            fairness: stats::fairness(&values),
-        }
+        )
     }
 }
