@@ -316,6 +316,7 @@ fn a_stderr_pipe_nobody_reads_never_stalls_the_primary() {
     let addr = p.addr();
     let mut worst = Duration::ZERO;
     let mut all = pids.clone();
+    let all_started = Instant::now();
     for i in 0..60 {
         p.reload();
         let started = Instant::now();
@@ -331,7 +332,10 @@ fn a_stderr_pipe_nobody_reads_never_stalls_the_primary() {
         all.extend(&now);
         pids = now;
     }
-    eprintln!("slowest request after a reload, stderr full: {worst:?}");
+    let took = all_started.elapsed();
+    eprintln!(
+        "FIGURE logging unread pipe: 60 reloads in {took:?}, slowest request after one {worst:?}"
+    );
 
     // Drain: the queued lines come out; lost ones are reported with their count.
     let reader = drain(p.pipe.take().unwrap(), Duration::from_secs(30));
