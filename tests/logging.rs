@@ -6,6 +6,10 @@
 //! Before `roundhouse-log`, the first two made the primary panic at its next log line (exit 101,
 //! every worker gone) and the third froze it once the pipe's 64 KiB were full.
 //!
+//! The accounting itself is tested end to end with a FIFO whose reader goes away and comes back
+//! (`lines_lost_while_stderr_failed_are_reported_when_it_works_again`), and in-process, with
+//! exact counts, in `crates/log`.
+//!
 //! A primary whose stderr the test cannot read does not tell us its port in the log: the tests
 //! here ask it over the control socket instead (`roundhouse status --json` has `listeners` with
 //! the bound port, and every worker's pid and state).
@@ -37,6 +41,8 @@ enum Stderr {
     /// A pipe the test holds but does not read until it chooses to; shrunk to one page so that
     /// it is full after a few lines.
     UnreadPipe,
+    /// An fd the test opened (the write end of a FIFO).
+    Fd(OwnedFd),
 }
 
 /// A `roundhouse run` with a stderr the harness does not capture; killed and reaped, with its
@@ -75,6 +81,7 @@ impl BlindPrimary {
                 shrink_pipe(&w);
                 (w.into(), Some(r.into()))
             }
+            Stderr::Fd(fd) => (fd.into(), None),
         };
         let child = Command::new(roundhouse_bin())
             .args(["run", "-l", "127.0.0.1:0", "-w", &workers.to_string()])
@@ -429,4 +436,95 @@ fn hello_worker_with_stderr_on_a_full_disk_serves_and_drains() {
         "exit status {}",
         status_str(&status)
     );
+}
+
+/// Opens `path` (a FIFO) with `flags`, close-on-exec.
+fn open_fifo(path: &std::path::Path, flags: nix::fcntl::OFlag) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    let fd = nix::fcntl::open(
+        path,
+        flags | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    // SAFETY: `open` just returned this fd and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// Reads the non-blocking `r` until `done(text so far)`; panics after `timeout`.
+fn read_until(r: &mut File, timeout: Duration, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if done(&text) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?}; read so far:\n{text}"
+        );
+        match r.read(&mut buf) {
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => thread::sleep(POLL),
+            Err(e) => panic!("read: {e}"),
+        }
+    }
+}
+
+/// The loss accounting end to end: stderr is a FIFO whose reader goes away (every write fails
+/// with `EPIPE`) during a reload, then a new reader opens it. The lines logged meanwhile are
+/// reported by count before the next line, and the service never noticed.
+#[test]
+fn lines_lost_while_stderr_failed_are_reported_when_it_works_again() {
+    use nix::fcntl::OFlag;
+    let dir = TempDir::new();
+    let fifo = dir.join("stderr.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    // A writer can only open a FIFO that has a reader.
+    let first_reader = open_fifo(&fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK);
+    let writer = open_fifo(&fifo, OFlag::O_WRONLY);
+    let mut p = BlindPrimary::start(Stderr::Fd(writer), 2);
+    let mut first_reader = File::from(first_reader);
+    read_until(&mut first_reader, STARTUP, |t| {
+        t.contains("ready workers=2")
+    });
+    let addr = p.addr();
+
+    // The reader goes away: everything logged now fails (EPIPE), counted.
+    drop(first_reader);
+    p.reload();
+    let pids = p.wait_online(2, STARTUP);
+    serve_burst(addr, 20, HTTP_TIMEOUT);
+
+    // A reader again; the next line the primary logs is preceded by the count.
+    let mut reader = File::from(open_fifo(&fifo, OFlag::O_RDONLY | OFlag::O_NONBLOCK));
+    p.reload();
+    p.wait_online(2, STARTUP);
+    let text = read_until(&mut reader, STARTUP, |t| {
+        t.lines().filter(|l| l.contains("worker online")).count() >= 2
+    });
+    let notice = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("roundhouse: ")?
+                .strip_suffix(" log lines could not be written")
+        })
+        .unwrap_or_else(|| panic!("no loss notice from the primary:\n{text}"));
+    let lost: u64 = notice.parse().expect("a count");
+    // At least the first reload's `worker started` and `worker online` lines of both slots.
+    assert!(lost >= 4, "only {lost} lines reported lost:\n{text}");
+    // Before the lines of the second reload, not after.
+    let at = text.find(" log lines could not be written").unwrap();
+    let first_online = text.find("worker online").unwrap();
+    assert!(at < first_online, "the notice comes first:\n{text}");
+    let status = p.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {}",
+        status_str(&status)
+    );
+    assert_reaped(&pids);
 }
