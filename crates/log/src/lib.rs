@@ -21,10 +21,10 @@
 //!
 //! # How
 //!
-//! - A logging thread call only formats the line and `try_send`s it into a bounded queue
+//! - A thread that logs only formats the line and `try_send`s it into a bounded queue
 //!   (tracing-appender's non-blocking writer, `lossy(true)`): it never blocks and never fails.
 //!   When the queue is full the line is dropped and counted.
-//! - One background thread ([`Sink`]) writes the queued lines to stderr. It may block on a full
+//! - One background thread (the `Sink`) writes the queued lines to stderr. It may block on a full
 //!   pipe — only itself; the queue absorbs bursts meanwhile, then drops (counted). A write that
 //!   fails (`EPIPE`, `ENOSPC`, `EIO`, …) costs that line, counted; `EAGAIN` (stderr is a
 //!   non-blocking file shared with another process) waits for the fd to be writable, on this
