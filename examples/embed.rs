@@ -18,7 +18,6 @@
 //! (`RUST_LOG` filters, default `info`).
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -54,14 +53,9 @@ struct Args {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<ExitCode> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // The supervisor's logging: off the owner loop, lossy and counted, never a panic or a
+    // stall on a full or unread stderr (`roundhouse-log`). Flushed, bounded, at return.
+    let _log = roundhouse_log::init("embed");
 
     let mut command = args.command.into_iter();
     let program = command

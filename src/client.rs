@@ -58,14 +58,31 @@ impl From<ControlError> for Failure {
     }
 }
 
+fn write_flushed(w: &mut impl std::io::Write, bytes: &[u8]) -> std::io::Result<()> {
+    w.write_all(bytes)?;
+    w.flush()
+}
+
+/// Prints the result and returns the exit code. Never panics on a failed write (`print!` would,
+/// with exit 101): a reader that stopped reading (`roundhouse status | head -1`, `EPIPE`) is
+/// not an error — the command did what it was asked; any other failure to write the output
+/// (`>/dev/full`) is exit 1, as for `cat`, since the output was the point.
 fn finish(result: Result<String, Failure>) -> i32 {
+    use std::io::Write as _;
     match result {
-        Ok(out) => {
-            print!("{out}");
-            OK
-        }
+        Ok(out) => match write_flushed(&mut std::io::stdout().lock(), out.as_bytes()) {
+            Ok(()) => OK,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => OK,
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "roundhouse: could not write the output: {e}"
+                );
+                FAILURE
+            }
+        },
         Err(failure) => {
-            eprintln!("roundhouse: {}", failure.message);
+            let _ = writeln!(std::io::stderr(), "roundhouse: {}", failure.message);
             failure.code
         }
     }

@@ -11,7 +11,7 @@ mod client;
 mod signals;
 
 use std::ffi::OsString;
-use std::io::IsTerminal;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,7 +117,9 @@ struct RunArgs {
 }
 
 fn usage_error(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("roundhouse: {msg}");
+    // Errors ignored: with stderr full or closed there is no one to tell, and `eprintln!` would
+    // panic (exit 101 instead of 2).
+    let _ = writeln!(std::io::stderr(), "roundhouse: {msg}");
     ExitCode::from(2)
 }
 
@@ -156,14 +158,12 @@ fn main() -> ExitCode {
     ExitCode::from(code.clamp(0, 255) as u8)
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+/// The log: tracing's text format to stderr, `RUST_LOG` filtering (default `info`), written off
+/// the supervisor's threads by `roundhouse-log` so that a full disk or a stderr pipe that is
+/// closed or never read costs lines (counted, reported), never a panic or a stalled primary.
+/// The guard flushes (bounded) when `run` returns.
+fn init_logging() -> roundhouse_log::LogGuard {
+    roundhouse_log::init("roundhouse")
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -177,7 +177,7 @@ fn run(args: RunArgs) -> ExitCode {
             _ => Policy::RoundRobin,
         },
     };
-    init_logging();
+    let log = init_logging();
     let mut cmd = args.cmd.into_iter();
     let program = cmd.next().expect("clap requires CMD");
     let mut builder = Builder::new(program)
@@ -206,10 +206,12 @@ fn run(args: RunArgs) -> ExitCode {
     if args.plain {
         builder = builder.plain(true);
     }
-    match signals::run(builder) {
+    let code = match signals::run(builder) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fatal(e),
-    }
+    };
+    drop(log); // flushed, the fatal line last; bounded if stderr is stuck
+    code
 }
 
 fn fatal(e: RunError) -> ExitCode {
@@ -217,7 +219,8 @@ fn fatal(e: RunError) -> ExitCode {
         RunError::Config(_) => 2,
         _ => 1,
     };
-    // One line, not through tracing: it must show even with RUST_LOG=off.
-    eprintln!("roundhouse: {e}");
+    // One line, not through tracing: it must show even with RUST_LOG=off. Through the log's
+    // queue all the same, so it follows the lines logged before it and cannot block or panic.
+    roundhouse_log::line(&format!("roundhouse: {e}"));
     ExitCode::from(code)
 }

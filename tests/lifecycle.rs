@@ -1107,9 +1107,10 @@ fn the_embedding_example_sees_fork_online_exit_and_message_events() {
     }
     assert_eq!(get(addr, "/").unwrap().text(), "hello world\n");
 
-    // A crash: the example logs the exit, the primary restarts the slot. (The example's
-    // stdout and the primary's log are two pipes: wait for the log line too.)
-    let old = p.wait_worker_online(1, None, secs(10));
+    // A crash: the example logs the exit, the primary restarts the slot. (The pid from the
+    // primary's log, waited for: it is written off-thread, so it may come after the
+    // example's own stdout line, which is another pipe.)
+    let old = p.wait_worker_online(1, None, STARTUP);
     signal_pid(old, Signal::SIGKILL);
     p.wait_for_log(
         &format!("stdout| exit worker=1 pid={old} status=signal 9 (SIGKILL)"),

@@ -29,7 +29,6 @@
 //! idle too): in a reload under load that is a failed request per unlucky connection.
 
 use std::convert::Infallible;
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,14 +49,10 @@ const KEEPALIVE_GRACE: Duration = Duration::from_secs(1);
 const MAX_MS: u64 = 60_000;
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    // Our stderr is the primary's: written off the serving thread, lossy and counted, never a
+    // panic or a stall when it is full, closed or never read (`roundhouse_worker::log`). The
+    // guard flushes, bounded, when `main` returns.
+    let _log = roundhouse_worker::log::init("hello-worker");
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

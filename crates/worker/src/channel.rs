@@ -290,6 +290,9 @@ impl Channel {
             Closed::Io(e) => tracing::error!(error = %e, "channel to the primary failed"),
         }
         if self.exit_on_close {
+            // `exit` runs no destructor: write what is queued (bounded: stderr may be stuck).
+            #[cfg(feature = "log")]
+            let _ = roundhouse_log::flush(roundhouse_log::DEFAULT_EXIT_FLUSH);
             std::process::exit(end.exit_code());
         }
         self.shared.draining.store(true, SeqCst);

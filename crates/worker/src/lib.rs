@@ -70,6 +70,15 @@
 //! [`WorkerBuilder`] for tests or embedding can report that through [`Worker::closed`] instead.
 //!
 //! Everything here must run inside a tokio runtime with I/O and time enabled.
+//!
+//! # Logging
+//!
+//! A worker's stderr is the primary's: a full disk or a pipe nobody reads there must not panic
+//! or stall the worker either. [`log`] (feature `log`, on by default; the `roundhouse-log`
+//! crate) sets tracing up so that it cannot: `let _log = roundhouse_worker::log::init("my-worker");`
+//! first thing in `main`. Lines are written off the serving threads, and lines that could not be
+//! written are counted and reported once writing works again. When the primary goes away and the
+//! library exits the process, queued lines are flushed first (bounded).
 
 use std::future::Future;
 use std::os::fd::OwnedFd;
@@ -89,6 +98,10 @@ pub use error::{is_drained, Closed, Drained, Error, SendError};
 pub use listener::{Conn, Listener};
 pub use roundhouse_proto::frame::Stats;
 pub use roundhouse_proto::Recipient;
+
+/// Logging that can never panic or block the worker: see the `roundhouse-log` crate.
+#[cfg(feature = "log")]
+pub use roundhouse_log as log;
 
 use channel::{Channel, Cmd, Shared, MAX_QUEUED_MESSAGES};
 

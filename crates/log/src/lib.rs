@@ -1,0 +1,719 @@
+//! Logging for roundhouse processes — the primary, `hello-worker`, any worker built on
+//! `roundhouse-worker` — that can never take the service down or stall it.
+//!
+//! # Why this exists
+//!
+//! The obvious setup, `tracing_subscriber::fmt().with_writer(std::io::stderr)`, writes each log
+//! line on the thread that logs it, and treats stderr as if it could not fail. Both are false
+//! for a supervisor:
+//!
+//! - **A failed write panicked the process.** With stderr on a full disk (`2>/dev/full`) or on a
+//!   pipe whose reader went away (`2>&1 | head -1`), tracing-subscriber reports its own failed
+//!   write with `eprintln!`, which panics when stderr itself fails: the primary died at its next
+//!   log line (exit 101) and every worker with it.
+//! - **A slow or stuck reader stalled the service.** With stderr a pipe nobody reads, the write
+//!   blocks once the pipe's 64 KiB are full — on the primary's owner loop, so new connections
+//!   time out and `roundhouse status` hangs.
+//!
+//! The SPEC's promise is the opposite: *a full disk, a closed or never-read stderr pipe costs log
+//! lines (counted, and reported once writing works again), never a panic, a blocked primary or a
+//! refused connection.*
+//!
+//! # How
+//!
+//! - A thread that logs only formats the line and `try_send`s it into a bounded queue
+//!   (tracing-appender's non-blocking writer, `lossy(true)`): it never blocks and never fails.
+//!   When the queue is full the line is dropped and counted.
+//! - One background thread (the `Sink`) writes the queued lines to stderr. It may block on a full
+//!   pipe — only itself; the queue absorbs bursts meanwhile, then drops (counted). A write that
+//!   fails (`EPIPE`, `ENOSPC`, `EIO`, …) costs that line, counted; `EAGAIN` (stderr is a
+//!   non-blocking file shared with another process) waits for the fd to be writable, on this
+//!   thread. Nothing here panics, and nothing here writes anywhere but its own sink.
+//! - Before each line it writes, the sink checks whether lines were lost since its last report
+//!   and, if so, first writes one line `PROGRAM: N log lines could not be written`. So the loss
+//!   is reported as soon as writing works again, exactly once per episode, with the exact count.
+//! - The [`LogGuard`] returned by [`init`] flushes at exit — bounded by a timeout, so a pipe
+//!   nobody reads cannot hang the exit. tracing-appender's own `WorkerGuard` is only dropped when
+//!   the queue is known to be empty: its `Drop` can block for over a second and then `println!`s,
+//!   which is exactly the kind of write this crate exists to avoid.
+//! - [`init`] also opens `/dev/null` on any of fds 0, 1, 2 that is closed (`roundhouse run
+//!   2>&-`): otherwise the next socket the process opens becomes fd 2 and log lines would be
+//!   written into a listener or, worse, into a client's connection.
+//!
+//! The format of the lines is tracing-subscriber's default text format, unchanged: the env
+//! filter from `RUST_LOG` (default `info`), ANSI colours only when stderr is a terminal.
+
+#![forbid(unsafe_code)]
+
+use std::io::{self, IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::fmt::MakeWriter;
+
+/// Lines the queue holds while the sink cannot keep up (about 150 bytes each: ~1-2 MiB at most).
+/// A burst beyond it (a thousand workers starting while stderr is slow) costs lines, counted.
+pub const DEFAULT_QUEUE_LINES: usize = 8192;
+/// How long [`LogGuard`]'s drop (and the worker library's exit) waits for queued lines.
+pub const DEFAULT_EXIT_FLUSH: Duration = Duration::from_millis(500);
+
+/// Sets up logging for the whole process: tracing's fmt layer to stderr through the
+/// non-blocking, lossy, counting writer; `RUST_LOG` filters (default `info`). `program` names
+/// the process in the "log lines could not be written" notice. Keep the guard alive until the
+/// process exits (a binding in `main`); dropping it flushes, bounded by [`DEFAULT_EXIT_FLUSH`].
+///
+/// Never panics: if a global subscriber is already installed, it is left in place.
+pub fn init(program: &str) -> LogGuard {
+    Builder::new(program).init()
+}
+
+/// How to set logging up; [`init`] is `Builder::new(program).init()`.
+#[derive(Debug, Clone)]
+pub struct Builder {
+    program: String,
+    queue_lines: usize,
+    exit_flush: Duration,
+}
+
+impl Builder {
+    pub fn new(program: impl Into<String>) -> Builder {
+        Builder {
+            program: program.into(),
+            queue_lines: DEFAULT_QUEUE_LINES,
+            exit_flush: DEFAULT_EXIT_FLUSH,
+        }
+    }
+
+    /// Lines queued before further lines are dropped (counted); at least 1.
+    pub fn queue_lines(mut self, n: usize) -> Builder {
+        self.queue_lines = n.max(1);
+        self
+    }
+
+    /// How long dropping the [`LogGuard`] waits for the queued lines to be written.
+    pub fn exit_flush(mut self, timeout: Duration) -> Builder {
+        self.exit_flush = timeout;
+        self
+    }
+
+    /// Installs the global subscriber writing to stderr (see [`init`]).
+    pub fn init(self) -> LogGuard {
+        open_closed_stdio();
+        let ansi = io::stderr().is_terminal();
+        let (writer, guard) = self.writer_to(io::stderr());
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let installed = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer.clone())
+            .with_ansi(ansi)
+            // Our writer never returns an error; and if it did, tracing-subscriber would report
+            // it with `eprintln!`, which panics when stderr is what failed.
+            .log_internal_errors(false)
+            .try_init()
+            .is_ok();
+        if installed {
+            let _ = GLOBAL.set(writer);
+        }
+        guard
+    }
+
+    /// The writer alone, writing to `sink` on its own thread, without installing anything: for
+    /// a subscriber of your own (`.with_writer(writer)`) and for tests.
+    pub fn writer_to<W: Write + AsFd + Send + 'static>(self, sink: W) -> (LogWriter, LogGuard) {
+        let shared = Arc::new(Shared::default());
+        let (queue, worker) = NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(self.queue_lines)
+            .thread_name("roundhouse-log")
+            .finish(Sink {
+                out: Box::new(sink),
+                program: self.program,
+                shared: Arc::clone(&shared),
+                reported: 0,
+                mid_line: false,
+            });
+        let _ = shared.dropped.set(queue.error_counter());
+        let writer = LogWriter { queue, shared };
+        let guard = LogGuard {
+            writer: writer.clone(),
+            exit_flush: self.exit_flush,
+            worker: Some(worker),
+        };
+        (writer, guard)
+    }
+}
+
+/// The writer of the process-wide subscriber, once [`init`] installed it.
+static GLOBAL: OnceLock<LogWriter> = OnceLock::new();
+
+/// Waits up to `timeout` for the lines queued so far to be written (or to fail, counted), and
+/// writes the "could not be written" notice if lines were lost. For a process about to leave
+/// through `std::process::exit`, which runs no destructor. Returns `true` when everything queued
+/// was dealt with; `true` too when [`init`] was not used.
+pub fn flush(timeout: Duration) -> bool {
+    match GLOBAL.get() {
+        Some(w) => w.flush(timeout),
+        None => true,
+    }
+}
+
+/// Log lines lost so far by the process-wide writer: dropped (queue full) or failed to write.
+/// `0` when [`init`] was not used.
+pub fn lost_lines() -> u64 {
+    GLOBAL.get().map_or(0, LogWriter::lost)
+}
+
+/// Writes one line to stderr outside tracing (not filtered by `RUST_LOG`): through the queue
+/// when [`init`] installed the writer — so it comes after the lines logged before it, and never
+/// blocks — else directly, errors ignored. For the one-line fatal error a binary prints before
+/// exiting; the guard's drop then flushes it.
+pub fn line(text: &str) {
+    let mut buf = String::with_capacity(text.len() + 1);
+    buf.push_str(text);
+    if !buf.ends_with('\n') {
+        buf.push('\n');
+    }
+    match GLOBAL.get() {
+        Some(w) => {
+            let _ = w.make_writer().write_all(buf.as_bytes());
+        }
+        None => {
+            let _ = io::stderr().write_all(buf.as_bytes());
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Lines handed to the queue (queued or dropped).
+    submitted: AtomicU64,
+    /// Lines the sink is done with (written or failed).
+    done: AtomicU64,
+    /// Lines whose write failed.
+    failed: AtomicU64,
+    /// Flush markers the sink has seen (see [`LogWriter::flush`]).
+    markers: AtomicU64,
+    /// The queue's count of lines dropped because it was full (set once the queue exists).
+    dropped: OnceLock<ErrorCounter>,
+}
+
+impl Shared {
+    fn dropped(&self) -> u64 {
+        self.dropped.get().map_or(0, |c| c.dropped_lines() as u64)
+    }
+}
+
+/// The [`MakeWriter`] to give a fmt layer: each event becomes one queued line. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct LogWriter {
+    queue: NonBlocking,
+    shared: Arc<Shared>,
+}
+
+impl LogWriter {
+    /// Lines lost so far: dropped because the queue was full, or failed to write.
+    pub fn lost(&self) -> u64 {
+        self.dropped() + self.shared.failed.load(SeqCst)
+    }
+
+    /// Lines dropped because the queue was full (part of [`LogWriter::lost`]).
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped()
+    }
+
+    fn drained(&self) -> bool {
+        let s = &self.shared;
+        s.done.load(SeqCst) + self.dropped() >= s.submitted.load(SeqCst)
+    }
+
+    /// Waits up to `timeout` for every line submitted so far to be written or counted as lost;
+    /// then has the sink write the loss notice, if any is due. Returns whether it all happened
+    /// in time. Polls every millisecond: meant for exits and tests, not for a hot path.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let wait = |done: &dyn Fn() -> bool| loop {
+            if done() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        if !wait(&|| self.drained()) {
+            return false;
+        }
+        // The queue is empty and the sink idle: a marker (an empty line, not a log line) cannot
+        // be dropped now, and makes the sink write the notice for lines lost so far.
+        let seen = self.shared.markers.load(SeqCst);
+        let mut queue = self.queue.clone();
+        let _ = queue.write(&[]);
+        wait(&|| self.shared.markers.load(SeqCst) > seen)
+    }
+}
+
+impl<'a> MakeWriter<'a> for LogWriter {
+    type Writer = Line<'a>;
+
+    fn make_writer(&'a self) -> Line<'a> {
+        Line {
+            queue: self.queue.clone(),
+            shared: &self.shared,
+        }
+    }
+}
+
+/// Writes one event into the queue; never blocks, never fails.
+#[derive(Debug)]
+pub struct Line<'a> {
+    queue: NonBlocking,
+    shared: &'a Shared,
+}
+
+impl Write for Line<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0); // an empty write is the flush marker's, never a log line
+        }
+        self.shared.submitted.fetch_add(1, SeqCst);
+        self.queue.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        // One call, one queued line (the default `write_all` would loop on `write`; ours
+        // always takes the whole buffer anyway).
+        self.write(buf).map(|_| ())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Flushes (bounded) when dropped. Keep it alive as long as the process logs.
+#[derive(Debug)]
+pub struct LogGuard {
+    writer: LogWriter,
+    exit_flush: Duration,
+    worker: Option<WorkerGuard>,
+}
+
+impl LogGuard {
+    /// See [`LogWriter::flush`].
+    pub fn flush(&self, timeout: Duration) -> bool {
+        self.writer.flush(timeout)
+    }
+
+    /// See [`LogWriter::lost`].
+    pub fn lost(&self) -> u64 {
+        self.writer.lost()
+    }
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let flushed = self.writer.flush(self.exit_flush);
+        if let Some(worker) = self.worker.take() {
+            if flushed {
+                // The queue is empty: its shutdown handshake completes at once.
+                drop(worker);
+            } else {
+                // The sink is stuck on a write: tracing-appender's drop would wait 1.1 s and then
+                // `println!`. Leave the thread to the process's exit instead.
+                std::mem::forget(worker);
+            }
+        }
+    }
+}
+
+/// What the sink can write to: stderr, a file, a socket (tests). `AsFd` so that `EAGAIN` can
+/// wait for writability with `poll`.
+trait Target: Write + AsFd + Send {}
+impl<T: Write + AsFd + Send> Target for T {}
+
+/// The writing end, on tracing-appender's thread. Its `write_all` never fails: a line that
+/// cannot be written is counted, the "could not be written" notice is written once writing
+/// works again.
+struct Sink {
+    out: Box<dyn Target>,
+    program: String,
+    shared: Arc<Shared>,
+    /// Lost lines already reported by a notice.
+    reported: u64,
+    /// The last write stopped in the middle of a line: start the next one on a new line.
+    mid_line: bool,
+}
+
+/// `EAGAIN`s in a row (each after `poll` said writable) before a line is given up as failed.
+const MAX_EAGAIN: u32 = 100;
+
+impl Sink {
+    fn lost(&self, dropped: u64) -> u64 {
+        dropped + self.shared.failed.load(SeqCst)
+    }
+
+    /// Writes the notice if lines were lost since the last one.
+    fn report(&mut self, dropped: u64) {
+        let lost = self.lost(dropped);
+        if lost > self.reported {
+            let notice = format!(
+                "{}: {} log lines could not be written\n",
+                self.program,
+                lost - self.reported
+            );
+            if self.put(notice.as_bytes()).is_ok() {
+                self.reported = lost;
+            }
+        }
+    }
+
+    /// Writes all of `buf`, retrying `EINTR`, waiting for writability on `EAGAIN`.
+    fn put(&mut self, buf: &[u8]) -> io::Result<()> {
+        if self.mid_line {
+            self.write_fully(b"\n")?;
+            self.mid_line = false;
+        }
+        self.write_fully(buf)
+    }
+
+    fn write_fully(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        let mut eagain = 0;
+        let mut wrote_some = false;
+        while !buf.is_empty() {
+            match self.out.write(buf) {
+                Ok(0) => {
+                    self.mid_line |= wrote_some;
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(n) => {
+                    wrote_some = true;
+                    eagain = 0;
+                    buf = &buf[n..];
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && eagain < MAX_EAGAIN => {
+                    eagain += 1;
+                    let mut fds = [nix::poll::PollFd::new(
+                        self.out.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                    )];
+                    // Blocks this thread only, as a blocking write would.
+                    let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::NONE);
+                }
+                Err(e) => {
+                    self.mid_line |= wrote_some;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Write for Sink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_all(buf).map(|()| buf.len())
+    }
+
+    /// One queued line (or, empty, a flush marker). Always `Ok`: tracing-appender's thread
+    /// would only discard an error (and one day might print it).
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        let dropped = self.shared.dropped();
+        self.report(dropped);
+        if buf.is_empty() {
+            self.shared.markers.fetch_add(1, SeqCst);
+            return Ok(());
+        }
+        if self.put(buf).is_err() {
+            self.shared.failed.fetch_add(1, SeqCst);
+        }
+        self.shared.done.fetch_add(1, SeqCst);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Opens `/dev/null` on each of fds 0, 1, 2 that is closed, so that no socket or file the
+/// process opens later becomes its stdin, stdout or stderr. Without close-on-exec: they are the
+/// stdio workers inherit. Called by [`Builder::init`] before anything else opens an fd.
+fn open_closed_stdio() {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::Mode;
+    // `open` returns the lowest free fd: while that is 0, 1 or 2 it filled a hole.
+    for _ in 0..3 {
+        match open("/dev/null", OFlag::O_RDWR, Mode::empty()) {
+            Ok(fd) if fd <= 2 => continue,
+            Ok(fd) => {
+                let _ = nix::unistd::close(fd);
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::BorrowedFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::atomic::AtomicU8;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Reads from `r` until `done(text so far)` or the deadline; returns the text.
+    fn read_until(r: &mut UnixStream, done: impl Fn(&str) -> bool) -> String {
+        r.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let deadline = Instant::now() + WAIT;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 65536];
+        while !done(&String::from_utf8_lossy(&got)) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out; read so far:\n{}",
+                String::from_utf8_lossy(&got)
+            );
+            match r.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) => panic!("read: {e}"),
+            }
+        }
+        String::from_utf8(got).unwrap()
+    }
+
+    fn log(w: &LogWriter, text: &str) {
+        w.make_writer().write_all(text.as_bytes()).unwrap();
+    }
+
+    fn notices(text: &str) -> Vec<u64> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("t: "))
+            .filter_map(|l| l.strip_suffix(" log lines could not be written"))
+            .map(|n| n.parse().unwrap())
+            .collect()
+    }
+
+    /// A socket that fails every write while `mode` is FAIL, writes half a buffer then fails
+    /// while it is HALF, and works while it is OK.
+    struct Switch {
+        out: UnixStream,
+        mode: Arc<AtomicU8>,
+    }
+    const OK: u8 = 0;
+    const FAIL: u8 = 1;
+    const HALF: u8 = 2;
+
+    impl Write for Switch {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            match self.mode.load(SeqCst) {
+                OK => self.out.write(buf),
+                HALF => {
+                    self.mode.store(FAIL, SeqCst);
+                    self.out.write(&buf[..buf.len() / 2])
+                }
+                _ => Err(io::Error::from_raw_os_error(libc_enospc())),
+            }
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    impl AsFd for Switch {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.out.as_fd()
+        }
+    }
+    fn libc_enospc() -> i32 {
+        nix::errno::Errno::ENOSPC as i32
+    }
+
+    /// Fills the socket's buffers (the peer reads nothing) so that the next write blocks;
+    /// returns what was written.
+    fn fill(out: &UnixStream) -> String {
+        out.set_nonblocking(true).unwrap();
+        let chunk = "f".repeat(999) + "\n";
+        let mut written = String::new();
+        loop {
+            match (&*out).write(chunk.as_bytes()) {
+                Ok(n) => written.push_str(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("fill: {e}"),
+            }
+        }
+        out.set_nonblocking(false).unwrap();
+        written
+    }
+
+    #[test]
+    fn lines_arrive_in_order_and_flush_says_so() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        let (w, guard) = Builder::new("t").writer_to(out);
+        for i in 0..100 {
+            log(&w, &format!("line {i}\n"));
+        }
+        assert!(guard.flush(WAIT));
+        let text = read_until(&mut r, |t| t.contains("line 99\n"));
+        let expected: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(text, expected);
+        assert_eq!(guard.lost(), 0);
+    }
+
+    #[test]
+    fn failed_writes_are_counted_and_reported_once_writing_works_again() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        let mode = Arc::new(AtomicU8::new(OK));
+        let (w, guard) = Builder::new("t").writer_to(Switch {
+            out,
+            mode: Arc::clone(&mode),
+        });
+        log(&w, "before\n");
+        assert!(guard.flush(WAIT));
+        mode.store(FAIL, SeqCst);
+        for i in 0..7 {
+            log(&w, &format!("lost {i}\n"));
+        }
+        assert!(guard.flush(WAIT));
+        assert_eq!(guard.lost(), 7);
+        mode.store(OK, SeqCst);
+        log(&w, "after\n");
+        log(&w, "later\n");
+        assert!(guard.flush(WAIT));
+        let text = read_until(&mut r, |t| t.contains("later\n"));
+        assert_eq!(
+            text,
+            "before\nt: 7 log lines could not be written\nafter\nlater\n"
+        );
+        // Reported once: a further flush writes no second notice.
+        log(&w, "last\n");
+        assert!(guard.flush(WAIT));
+        let text = read_until(&mut r, |t| t.contains("last\n"));
+        assert_eq!(text, "last\n");
+    }
+
+    #[test]
+    fn a_line_cut_short_by_an_error_does_not_swallow_the_next_one() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        let mode = Arc::new(AtomicU8::new(HALF));
+        let (w, guard) = Builder::new("t").writer_to(Switch {
+            out,
+            mode: Arc::clone(&mode),
+        });
+        log(&w, "abcdefgh\n");
+        assert!(guard.flush(WAIT));
+        mode.store(OK, SeqCst);
+        log(&w, "next\n");
+        assert!(guard.flush(WAIT));
+        let text = read_until(&mut r, |t| t.contains("next\n"));
+        assert_eq!(text, "abcd\nt: 1 log lines could not be written\nnext\n");
+    }
+
+    #[test]
+    fn the_flush_marker_reports_a_loss_without_a_new_line() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        let mode = Arc::new(AtomicU8::new(FAIL));
+        let (w, guard) = Builder::new("t").writer_to(Switch {
+            out,
+            mode: Arc::clone(&mode),
+        });
+        log(&w, "lost\n");
+        assert!(guard.flush(WAIT));
+        mode.store(OK, SeqCst);
+        assert!(guard.flush(WAIT));
+        let text = read_until(&mut r, |t| t.contains('\n'));
+        assert_eq!(text, "t: 1 log lines could not be written\n");
+    }
+
+    /// A reader that stops reading: the caller never blocks, the queue drops (counted), and
+    /// when the reader comes back every line is either there or in the notice's count.
+    #[test]
+    fn a_stuck_reader_costs_counted_lines_never_a_blocked_caller() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        let filled = fill(&out);
+        let (w, guard) = Builder::new("t")
+            .queue_lines(16)
+            .exit_flush(Duration::from_millis(50))
+            .writer_to(out);
+        const N: usize = 20_000;
+        let line = format!("{}\n", "x".repeat(100));
+        let started = Instant::now();
+        for _ in 0..N {
+            log(&w, &line);
+        }
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "logging {N} lines into a stuck sink took {took:?}"
+        );
+        assert!(w.dropped() > 0, "a socket buffer cannot hold 2 MB");
+        // Stuck: a bounded flush gives up in time.
+        let t = Instant::now();
+        assert!(!guard.flush(Duration::from_millis(100)));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        // The reader comes back; once the queue is empty, one more line.
+        let reader = std::thread::spawn(move || read_until(&mut r, |t| t.ends_with("end\n")));
+        assert!(guard.flush(WAIT));
+        log(&w, "end\n");
+        let text = reader.join().unwrap();
+        assert!(text.starts_with(&filled));
+        let text = &text[filled.len()..];
+        let written = text.lines().filter(|l| l.starts_with('x')).count();
+        let reported: u64 = notices(&text).iter().sum();
+        assert!(reported > 0, "no notice in the output");
+        assert_eq!(
+            written as u64 + reported,
+            N as u64,
+            "every line written or counted"
+        );
+        assert_eq!(guard.lost(), reported);
+    }
+
+    /// stderr shared with a process that made it non-blocking: `EAGAIN` waits for the fd to be
+    /// writable instead of losing lines.
+    #[test]
+    fn eagain_waits_for_writability() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        out.set_nonblocking(true).unwrap();
+        let (w, guard) = Builder::new("t").queue_lines(100_000).writer_to(out);
+        const N: usize = 5_000;
+        let line = format!("{}\n", "y".repeat(100));
+        for _ in 0..N {
+            log(&w, &line);
+        }
+        log(&w, "end\n");
+        let text = read_until(&mut r, |t| t.ends_with("end\n"));
+        assert!(guard.flush(WAIT));
+        assert_eq!(text.lines().filter(|l| l.starts_with('y')).count(), N);
+        assert_eq!(guard.lost(), 0);
+    }
+
+    #[test]
+    fn dropping_the_guard_is_bounded_when_the_sink_is_stuck() {
+        let (out, _r) = UnixStream::pair().unwrap();
+        fill(&out);
+        let (w, guard) = Builder::new("t")
+            .queue_lines(8)
+            .exit_flush(Duration::from_millis(100))
+            .writer_to(out);
+        let line = "z".repeat(1000) + "\n";
+        for _ in 0..2000 {
+            log(&w, &line);
+        }
+        let t = Instant::now();
+        drop(guard);
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    }
+}
