@@ -403,10 +403,13 @@ impl Primary {
         if self.accept.paused_until.is_some_and(|t| t <= now) {
             self.accept.paused_until = None;
         }
-        if self
-            .accept
-            .starved
-            .is_some_and(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        // Accepting for a second without running out ends the episode (a backlog that never
+        // drains under steady load); a second of not even trying does not.
+        if self.accept.accepted_since_starved
+            && self
+                .accept
+                .starved
+                .is_some_and(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
         {
             self.end_starvation();
         }
