@@ -39,6 +39,7 @@ pub(crate) mod node;
 pub mod notify;
 mod primary;
 pub mod spawn;
+pub mod spawner;
 pub mod stats;
 mod sys;
 
@@ -79,9 +80,18 @@ pub enum RunError {
 }
 
 /// Builds a [`Config`] and starts the supervisor.
-#[derive(Debug, Clone)]
 pub struct Builder {
     cfg: Config,
+    spawner: Option<Box<dyn spawner::Spawner>>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("cfg", &self.cfg)
+            .field("spawner", &self.spawner.as_ref().map(|_| "custom"))
+            .finish()
+    }
 }
 
 impl Builder {
@@ -89,10 +99,17 @@ impl Builder {
     pub fn new(command: impl Into<OsString>) -> Self {
         Builder {
             cfg: Config::new(command),
+            spawner: None,
         }
     }
     pub fn from_config(cfg: Config) -> Self {
-        Builder { cfg }
+        Builder { cfg, spawner: None }
+    }
+    /// Starts, signals and reaps workers through `s` instead of real processes (see
+    /// [`spawner`]): how tests drive the real owner loop in-process.
+    pub fn spawner(mut self, s: impl spawner::Spawner) -> Self {
+        self.spawner = Some(Box::new(s));
+        self
     }
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.cfg.args.push(arg.into());
@@ -160,7 +177,10 @@ impl Builder {
     }
     /// Checks the configuration, binds everything and starts the primary.
     pub fn start(self) -> Result<Handle, RunError> {
-        start(self.cfg)
+        let spawner = self
+            .spawner
+            .unwrap_or_else(|| Box::new(spawner::ProcessSpawner));
+        start_with(self.cfg, spawner)
     }
 }
 
@@ -228,7 +248,12 @@ fn raise_fd_limit() {
 }
 
 /// Starts the supervisor described by `cfg`.
-pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
+pub fn start(cfg: Config) -> Result<Handle, RunError> {
+    start_with(cfg, Box::new(spawner::ProcessSpawner))
+}
+
+/// Starts the supervisor described by `cfg`, its workers started through `spawner`.
+pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result<Handle, RunError> {
     if cfg.workers == 0 || cfg.workers > MAX_WORKERS {
         return Err(RunError::Config(format!(
             "--workers must be 1..={MAX_WORKERS}, got {}",
@@ -338,7 +363,8 @@ pub fn start(mut cfg: Config) -> Result<Handle, RunError> {
                 .enable_all()
                 .build()?;
             let result = rt.block_on(async move {
-                let primary = primary::Primary::new(cfg, exe, listeners, rx, thread_events)?;
+                let primary =
+                    primary::Primary::new(cfg, exe, listeners, rx, thread_events, spawner)?;
                 primary.run().await
             });
             let _ = std::fs::remove_file(&control_path);

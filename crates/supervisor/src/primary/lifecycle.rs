@@ -27,13 +27,11 @@ use std::net::TcpListener;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use roundhouse_proto::frame::Stats as WireStats;
 use roundhouse_proto::sys;
 use tokio::io::Interest;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use super::link::{Control, Link};
 pub(crate) use super::pool::{Counters, Life, Pool, Retire, Role, Slot, Worker};
@@ -151,7 +149,7 @@ impl Primary {
             fds: &fds,
             listen_fds: listeners.len(),
         };
-        let result = spawn::spawn_nowait(&spec);
+        let result = self.spawner.spawn(&spec);
         drop(fds);
         drop(child_end);
         let forked = match result {
@@ -173,8 +171,8 @@ impl Primary {
                     worker.id = id,
                     "could not register the worker's channel: {e}"
                 );
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-                let _ = waitpid(Pid::from_raw(pid as i32), None);
+                self.spawner.signal(pid, Signal::SIGKILL);
+                spawn::reap_failed(pid);
                 self.schedule_restart(idx, false);
                 return None;
             }
@@ -330,9 +328,7 @@ impl Primary {
                     self.sync_kernel_rotation();
                     if plain {
                         // A plain worker is drained the way socket-activated servers expect.
-                        if let Some(w) = self.pool.get(k) {
-                            w.signal(Signal::SIGTERM);
-                        }
+                        self.signal(k, Signal::SIGTERM);
                     } else {
                         self.send_control(k, Control::Drain);
                     }
@@ -351,16 +347,18 @@ impl Primary {
                 );
                 // Signal first, then close the channel: the worker must not see end-of-file
                 // and exit "cleanly" before the kill lands.
-                w.signal(Signal::SIGKILL);
+                let pid = w.pid;
                 w.life = Life::Dying { kill_at: None, why };
+                self.spawner.signal(pid, Signal::SIGKILL);
             }
             Retire::Terminate { why, grace } => {
                 if matches!(w.life, Life::Dying { .. }) {
                     return;
                 }
-                w.signal(Signal::SIGTERM);
+                self.signal(k, Signal::SIGTERM);
                 // SIGTERM does not reach a stopped process; make sure it can act on it.
-                w.signal(Signal::SIGCONT);
+                self.signal(k, Signal::SIGCONT);
+                let w = self.pool.get_mut(k).expect("live worker");
                 w.life = Life::Dying {
                     kill_at: Some(now + grace),
                     why,
@@ -408,17 +406,17 @@ impl Primary {
     pub(super) fn reap(&mut self) {
         for k in 0..self.pool.capacity() {
             let Some(w) = self.pool.get(k) else { continue };
-            let pid = Pid::from_raw(w.pid as i32);
-            match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::StillAlive) => {}
-                Ok(status) => {
-                    if let Some(info) = exit_info(status) {
-                        self.on_exit(k, info);
-                    }
-                }
-                Err(nix::errno::Errno::ECHILD) => self.on_exit(k, ExitInfo::Unknown),
-                Err(e) => debug!("waitpid: {e}"),
+            if let Some(info) = self.spawner.try_wait(w.pid) {
+                self.on_exit(k, info);
             }
+        }
+    }
+
+    /// Signals worker `k` (its process group) unless it was SIGKILLed already or reaped.
+    fn signal(&mut self, k: usize, sig: Signal) {
+        if let Some(w) = self.pool.get(k).filter(|w| w.signallable()) {
+            let pid = w.pid;
+            self.spawner.signal(pid, sig);
         }
     }
 
@@ -628,24 +626,19 @@ impl Primary {
             let Some(w) = self.pool.get_mut(k) else {
                 continue;
             };
-            w.signal(Signal::SIGKILL);
+            let (pid, signallable) = (w.pid, w.signallable());
             w.life = Life::Dying {
                 kill_at: None,
                 why: "stopping at once".into(),
             };
+            if signallable {
+                self.spawner.signal(pid, Signal::SIGKILL);
+            }
             self.close_link(k);
         }
     }
 
     pub(super) fn public_state(w: Option<&Worker>) -> WorkerState {
         w.map_or(WorkerState::Stopped, |w| w.life.public())
-    }
-}
-
-fn exit_info(status: WaitStatus) -> Option<ExitInfo> {
-    match status {
-        WaitStatus::Exited(_, code) => Some(ExitInfo::Code(code)),
-        WaitStatus::Signaled(_, sig, _) => Some(ExitInfo::Signal(sig as i32)),
-        _ => None,
     }
 }

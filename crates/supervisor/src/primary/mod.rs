@@ -153,6 +153,8 @@ pub(crate) struct Primary {
     rotation_dirty: bool,
     pool: Pool,
     ops: Ops,
+    /// Forks, signals and reaps workers (real processes, or a test's threads).
+    spawner: Box<dyn crate::spawner::Spawner>,
     next_conn_id: u64,
     /// Workers with a batch assigned in this dispatch round.
     dirty: Vec<usize>,
@@ -176,6 +178,7 @@ impl Primary {
         listeners: Vec<TcpListener>,
         requests: mpsc::Receiver<Request>,
         events: broadcast::Sender<Event>,
+        spawner: Box<dyn crate::spawner::Spawner>,
     ) -> io::Result<Self> {
         let addrs: Vec<SocketAddr> = listeners
             .iter()
@@ -208,6 +211,7 @@ impl Primary {
             rotation_dirty: false,
             pool: Pool::default(),
             ops: Ops::default(),
+            spawner,
             next_conn_id: 1,
             dirty: Vec::with_capacity(64),
             requests,

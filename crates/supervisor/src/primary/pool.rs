@@ -14,8 +14,6 @@ use std::net::TcpListener;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use roundhouse_proto::frame::Stats as WireStats;
 use tokio::io::unix::AsyncFd;
 
@@ -125,16 +123,9 @@ impl Worker {
             && self.link.as_ref().is_some_and(Link::can_take)
     }
 
-    /// Signals the worker's whole process group (its own children too), unless it is reaped.
-    pub(crate) fn signal(&self, sig: Signal) {
-        if matches!(self.life, Life::Dying { kill_at: None, .. }) {
-            return;
-        }
-        let pid = self.pid as i32;
-        if kill(Pid::from_raw(-pid), sig).is_err() {
-            // Not a group leader (yet): the process itself.
-            let _ = kill(Pid::from_raw(pid), sig);
-        }
+    /// Whether it may still be signalled (not SIGKILLed already, not reaped).
+    pub(crate) fn signallable(&self) -> bool {
+        !matches!(self.life, Life::Dying { kill_at: None, .. })
     }
 }
 
