@@ -292,3 +292,33 @@ fn reload_and_scale_replace_and_add_workers_and_keep_serving() {
     assert_eq!(by.values().sum::<usize>(), 200);
     stop(handle);
 }
+
+/// Issue 11: the admin endpoint and control socket end with the primary, so an embedding
+/// program that stops its supervisor gets the port (and the socket path) back.
+#[test]
+fn the_admin_endpoint_and_control_socket_end_with_the_primary() {
+    let threads = Threads::default();
+    let control = std::env::temp_dir().join(format!(
+        "rh-owner-{}-admin-{}.sock",
+        std::process::id(),
+        rand_id()
+    ));
+    let handle = Builder::new("/bin/true")
+        .listen("127.0.0.1:0".parse().unwrap())
+        .workers(1)
+        .admin("127.0.0.1:0".parse().unwrap())
+        .control(control.clone())
+        .spawner(threads)
+        .start()
+        .expect("start");
+    let admin = handle.admin_addr().expect("admin bound");
+    assert!(TcpStream::connect(admin).is_ok(), "admin answers");
+    stop(handle);
+    // Joined: the admin listener is closed and its port free again.
+    assert!(
+        TcpStream::connect(admin).is_err(),
+        "the admin endpoint outlived the primary"
+    );
+    std::net::TcpListener::bind(admin).expect("the admin port is free");
+    assert!(!control.exists(), "the control socket was removed");
+}
