@@ -37,6 +37,7 @@ pub mod events;
 pub mod listen;
 pub(crate) mod node;
 pub mod notify;
+pub mod output;
 mod primary;
 pub mod spawn;
 pub mod spawner;

@@ -39,6 +39,7 @@ use super::{Primary, READ_ON_EXIT};
 use crate::config::Policy;
 use crate::events::{Event, ExitInfo};
 use crate::notify;
+use crate::output::Stream;
 use crate::spawn::{self, ExecStatus, SpawnError, SpawnSpec};
 use crate::stats::WorkerState;
 use crate::RunError;
@@ -131,6 +132,14 @@ impl Primary {
         let mut fds: Vec<std::os::fd::BorrowedFd<'_>> =
             listeners.iter().map(|l| l.as_fd()).collect();
         fds.extend(child_end.as_ref().map(|c| c.as_fd()));
+        // Capture pipes for the worker's stdout and stderr (read by the output thread).
+        let stdio = match (pipe_cloexec(), pipe_cloexec()) {
+            (Ok(out), Ok(err)) => Some((out, err)),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(worker.id = id, "could not create output pipes ({e}): the worker writes to the primary's stderr");
+                None
+            }
+        };
         let mut argv = vec![self.cfg.command.clone()];
         argv.extend(self.cfg.args.iter().cloned());
         let spec = SpawnSpec {
@@ -148,6 +157,8 @@ impl Primary {
             ],
             fds: &fds,
             listen_fds: listeners.len(),
+            stdout: stdio.as_ref().map(|((_, w), _)| w.as_fd()),
+            stderr: stdio.as_ref().map(|(_, (_, w))| w.as_fd()),
         };
         let result = self.spawner.spawn(&spec);
         drop(fds);
@@ -161,6 +172,12 @@ impl Primary {
             }
         };
         let pid = forked.pid;
+        if let Some(((out, _), (err, _))) = stdio {
+            // The write ends were the child's; closing ours lets the pipes reach end-of-file
+            // when the worker (and whatever it started) is gone.
+            self.output.capture(id, pid, Stream::Stdout, out);
+            self.output.capture(id, pid, Stream::Stderr, err);
+        }
         let node = self.cfg.node;
         let registered = crate::sys::register(forked.exec_status, Interest::READABLE)
             .and_then(|exec| Ok((exec, primary_end.map(|c| Link::new(c, node)).transpose()?)));
@@ -641,4 +658,9 @@ impl Primary {
     pub(super) fn public_state(w: Option<&Worker>) -> WorkerState {
         w.map_or(WorkerState::Stopped, |w| w.life.public())
     }
+}
+
+/// A pipe, both ends close-on-exec (the child gets the write end by `dup2`).
+fn pipe_cloexec() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }

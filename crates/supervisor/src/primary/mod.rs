@@ -155,6 +155,8 @@ pub(crate) struct Primary {
     ops: Ops,
     /// Forks, signals and reaps workers (real processes, or a test's threads).
     spawner: Box<dyn crate::spawner::Spawner>,
+    /// Where workers' stdout and stderr go: the output thread, into the log.
+    output: crate::output::Output,
     next_conn_id: u64,
     /// Workers with a batch assigned in this dispatch round.
     dirty: Vec<usize>,
@@ -212,6 +214,7 @@ impl Primary {
             pool: Pool::default(),
             ops: Ops::default(),
             spawner,
+            output: crate::output::Output::start()?,
             next_conn_id: 1,
             dirty: Vec::with_capacity(64),
             requests,
