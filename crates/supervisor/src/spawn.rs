@@ -241,8 +241,10 @@ pub fn spawn_nowait(spec: &SpawnSpec<'_>) -> Result<Forked, SpawnError> {
                 &argv_ptrs,
                 &envp_ptrs,
                 placeholder,
-                &raw_fds,
-                stdio,
+                ChildFds {
+                    fds: &raw_fds,
+                    stdio,
+                },
                 err_w.as_raw_fd(),
             )
         }
@@ -312,6 +314,12 @@ unsafe fn close_from(first: libc::c_int, keep: libc::c_int) {
     }
 }
 
+/// What the child moves into place: `fds` to 3.., `stdio` (if any) to 1 and 2.
+struct ChildFds<'a> {
+    fds: &'a [RawFd],
+    stdio: [Option<RawFd>; 2],
+}
+
 /// The child side of `spawn`.
 ///
 /// # Safety
@@ -324,8 +332,7 @@ unsafe fn child(
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     placeholder: *mut u8,
-    fds: &[RawFd],
-    stdio: [Option<RawFd>; 2],
+    ChildFds { fds, stdio }: ChildFds<'_>,
     err_w: RawFd,
 ) -> ! {
     let fail = |err_w: RawFd| -> ! {
