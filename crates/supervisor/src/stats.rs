@@ -62,7 +62,7 @@ impl StatsSnapshot {
 }
 
 /// One worker slot. Counters belong to the slot and survive restarts of its process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStats {
     /// Slot id, `1..=N`.
     pub id: u32,
@@ -83,6 +83,17 @@ pub struct WorkerStats {
     pub restarts: u64,
     /// Resident set size of the current process in bytes (0 when there is none).
     pub rss_bytes: u64,
+    /// Present while the slot is waiting to restart a worker that keeps failing (a crash loop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+}
+
+/// A slot in a crash loop: its worker failed `failures` starts in a row (exited before coming
+/// online, or soon after), and the next attempt is `next_attempt_in_s` seconds away.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Backoff {
+    pub failures: u32,
+    pub next_attempt_in_s: f64,
 }
 
 /// A worker slot's state, serialized lowercase as in the SPEC.
@@ -331,6 +342,7 @@ mod tests {
                 connections_lost: 0,
                 restarts: 0,
                 rss_bytes: 5242880,
+                backoff: None,
             }],
             totals: Totals {
                 connections_total: Some(400),

@@ -517,11 +517,33 @@ impl Primary {
                 .saturating_mul(1u32 << (slot.failures - 1).min(16))
                 .min(BACKOFF_CAP)
         };
-        info!(
-            worker.id = slot.id,
-            delay_ms = delay.as_millis() as u64,
-            "restarting worker"
-        );
+        // A crash loop is said once per doubling of the delay (at WARN), not at every exit: at
+        // the cap it goes quiet, and `status` shows the slot in back-off.
+        let failures = slot.failures;
+        let doubled = failures >= 2 && delay < BACKOFF_CAP
+            || delay == BACKOFF_CAP
+                && BACKOFF_BASE.saturating_mul(1u32 << (failures - 2).min(16)) < BACKOFF_CAP;
+        if failures < 2 {
+            info!(
+                worker.id = slot.id,
+                delay_ms = delay.as_millis() as u64,
+                "restarting worker"
+            );
+        } else if doubled {
+            warn!(
+                worker.id = slot.id,
+                delay_ms = delay.as_millis() as u64,
+                failures,
+                "restarting worker: it keeps failing; backing off"
+            );
+        } else {
+            tracing::debug!(
+                worker.id = slot.id,
+                delay_ms = delay.as_millis() as u64,
+                failures,
+                "restarting worker"
+            );
+        }
         self.pool.request_start(idx, delay, true);
     }
 

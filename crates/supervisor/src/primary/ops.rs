@@ -458,6 +458,7 @@ impl Primary {
         let mut workers = Vec::new();
         // One pass over the processes (a slot may have two during a reload), not one per slot:
         // with 1024 workers a scrape must stay cheap for the owner thread.
+        let now = std::time::Instant::now();
         let mut active_by_slot = vec![0u64; slots.len()];
         let mut processes_by_slot = vec![0u32; slots.len()];
         for w in self.pool.workers() {
@@ -490,6 +491,7 @@ impl Primary {
                 connections_lost: s.counters.connections_lost,
                 restarts: s.counters.restarts,
                 rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
+                backoff: self.pool.backoff(i, now),
             });
         }
         StatsSnapshot::new(

@@ -225,6 +225,16 @@ impl Pool {
         !self.workers().any(|w| w.slot == id)
     }
 
+    /// Slot `idx` waiting to restart a worker that failed more than once in a row.
+    pub(crate) fn backoff(&self, idx: usize, now: Instant) -> Option<crate::stats::Backoff> {
+        let s = self.slots.get(idx)?;
+        let st = s.start.as_ref().filter(|st| st.restart)?;
+        (s.current.is_none() && s.failures >= 2).then(|| crate::stats::Backoff {
+            failures: s.failures,
+            next_attempt_in_s: st.at.saturating_duration_since(now).as_secs_f64(),
+        })
+    }
+
     /// A worker acknowledged a connection.
     pub(crate) fn count_connection(&mut self, slot: u32) {
         if let Some(s) = self.slots.get_mut((slot - 1) as usize) {
