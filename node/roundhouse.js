@@ -328,7 +328,16 @@
         checkDrained();
       });
     });
-    server.on('close', checkDrained);
+    server.on('close', () => {
+      checkDrained();
+      if (phase === 0 && served.has(server) && !servers.some((s) => served.has(s) && s.listening)) {
+        warn(
+          'closed',
+          'the app closed every server roundhouse serves without being drained: the worker ' +
+            'stays online but takes no connection (they go to other workers)',
+        );
+      }
+    });
     if (!httpServer) return;
     // Before the app's handler, so a draining worker's `Connection: close` is in time.
     server.prependListener('request', (req, res) => {

@@ -1182,6 +1182,22 @@ try {{ cluster.fork(); }} catch (e) {{ console.log(`fork threw: ${{e.message}}`)
     );
     drop(rh);
 
+    // An app that closes its server on its own: still online, so it says why it serves nothing.
+    let closer = dir.0.join("closer.js");
+    std::fs::write(
+        &closer,
+        "const s = require('http').createServer((q, r) => r.end('ok')).listen(8000);\n\
+         setTimeout(() => s.close(), 200);\nsetInterval(() => {}, 1000);\n",
+    )
+    .unwrap();
+    let mut rh = Rh::start(&closer, 1, "rr");
+    let line = rh.wait_line(
+        |l| l.contains("WARN") && l.contains("closed every server"),
+        "the closed-server warning",
+    );
+    assert!(line.contains("worker.id=1"), "{line}");
+    drop(rh);
+
     // An app that never listens: never online, /healthz says so, and a WARN says why.
     let silent = dir.0.join("silent.js");
     std::fs::write(&silent, "setInterval(() => {}, 1000);\n").unwrap();
