@@ -338,7 +338,14 @@
         );
       }
     });
-    if (!httpServer) return;
+    if (!httpServer) {
+      // HTTP/2 (and anything else that emits 'request'): counted; its sessions are the app's.
+      server.prependListener('request', () => {
+        stats.requests++;
+        statsChanged();
+      });
+      return;
+    }
     // Before the app's handler, so a draining worker's `Connection: close` is in time.
     server.prependListener('request', (req, res) => {
       stats.requests++;
