@@ -96,9 +96,9 @@
   const servers = []; // every TCP server the app listened, in first-listen order (slot = index)
   const served = new WeakSet(); // the servers roundhouse serves (handoff or inherited listener)
   const hooked = new WeakSet();
-  // Every socket of every hooked server, until its 'close': what the drain waits for.
-  const sockets = new Map(); // socket -> { http, upgraded, busy, last }
-  const inflight = new Set(); // ServerResponses not finished yet
+  // Every socket of every hooked server, until its 'close': what the drain waits for. `seen` and
+  // `last` are the sweep's: the socket's byte counts when it last looked, and when they changed.
+  const sockets = new Map(); // socket -> { http, upgraded, seen, last }
   let ready = false;
   // Drain phases: 0 serving; 1 draining HTTP (no new connections, keep-alive connections
   // closed by hello-worker's rule); 2 the app has been told; exiting once done.
@@ -320,7 +320,7 @@
     server.on('connection', (socket) => {
       stats.accepted++;
       statsChanged();
-      sockets.set(socket, { http: httpServer, upgraded: false, busy: 0, last: Date.now() });
+      sockets.set(socket, { http: httpServer, upgraded: false, seen: -1, last: 0 });
       socket.once('close', () => {
         sockets.delete(socket);
         stats.closed++;
@@ -346,29 +346,12 @@
       });
       return;
     }
-    // Before the app's handler, so a draining worker's `Connection: close` is in time.
+    // Before the app's handler, so a draining worker's `Connection: close` is in time. Nothing
+    // else per request: the drain finds what it needs on the sockets.
     server.prependListener('request', (req, res) => {
       stats.requests++;
-      statsChanged();
-      const rec = sockets.get(req.socket);
-      if (rec) {
-        rec.busy++;
-        rec.last = Date.now();
-      }
+      if (statsTimer === null) statsChanged();
       if (phase > 0 && !res.headersSent) res.setHeader('Connection', 'close');
-      inflight.add(res);
-      let done = false;
-      const finished = () => {
-        if (done) return;
-        done = true;
-        inflight.delete(res);
-        if (rec) {
-          rec.busy--;
-          rec.last = Date.now();
-        }
-      };
-      res.once('finish', finished);
-      res.once('close', finished);
     });
     // An upgraded connection (websocket) or a CONNECT tunnel is the app's from now on: the drain
     // does not close it; the app's SIGTERM listeners do.
@@ -441,8 +424,11 @@
     drainStart = Date.now();
     updateKeepAlive();
     for (const server of servers) stopAccepting(server);
-    for (const res of inflight) {
-      if (!res.headersSent) res.setHeader('Connection', 'close');
+    // The response each connection is writing (Node's `socket._httpMessage`, which its own
+    // closeIdleConnections() reads too): `Connection: close` if its head is not out yet.
+    for (const [socket, rec] of sockets) {
+      const res = rec.http ? socket._httpMessage : null;
+      if (res && !res.headersSent) res.setHeader('Connection', 'close');
     }
     sweepTimer = setInterval(sweep, SWEEP_EVERY_MS);
     sweepTimer.unref();
@@ -482,7 +468,14 @@
     for (const [socket, rec] of sockets) {
       if (!rec.http || rec.upgraded || socket.destroyed) continue;
       httpLeft++;
-      if (rec.busy > 0 || now - Math.max(drainStart, rec.last) < KEEPALIVE_GRACE_MS) continue;
+      // Silent = no byte in or out since the sweep before, and no response being written.
+      const bytes = socket.bytesRead + socket.bytesWritten;
+      const res = socket._httpMessage;
+      if (bytes !== rec.seen || (res && !res.finished)) {
+        rec.seen = bytes;
+        rec.last = now;
+      }
+      if (now - Math.max(drainStart, rec.last) < KEEPALIVE_GRACE_MS) continue;
       if (idle === undefined) idle = idleSockets();
       if (idle !== null && !idle.has(socket)) continue; // a request is arriving
       socket.destroy();

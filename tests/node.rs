@@ -1211,3 +1211,66 @@ try {{ cluster.fork(); }} catch (e) {{ console.log(`fork threw: ${{e.message}}`)
     assert!(!rh.log().contains("worker online"), "{}", rh.log());
     assert_eq!(http(rh.admin, "GET", "/healthz").unwrap().status, 503);
 }
+
+/// hello-worker's drain rules, connection by connection (`-w 1`, one reload): a request already
+/// sent is answered with `Connection: close`; an idle keep-alive connection that sends its next
+/// request during the drain is answered with `Connection: close`; one that stays silent is
+/// closed about `KEEPALIVE_GRACE` (1 s) after the drain began, never at once.
+#[test]
+fn drain_follows_hello_workers_keepalive_rule() {
+    require_node!();
+    let mut rh = Rh::start(&plain_app(), 1, "rr");
+    let old = rh.worker_pids()[&1];
+    let ka = |path: &str| {
+        let mut c = connect(rh.addr).unwrap();
+        write_request(&mut c, "GET", path, false).unwrap();
+        let r = read_response(&mut c).unwrap().expect("a response");
+        assert!(!r.closes(), "{r:?}");
+        c
+    };
+    let (mut busy, mut active, mut silent) = (ka("/"), ka("/"), ka("/"));
+    // The silent one's end, timed as it happens.
+    let silent = thread::spawn(move || {
+        let r = read_response(&mut silent).unwrap();
+        (r.is_none(), Instant::now())
+    });
+    write_request(&mut busy, "GET", "/sleep?ms=1500", false).unwrap();
+    thread::sleep(Duration::from_millis(100)); // the slow request is in the worker
+
+    // `reload` answers once the new worker is online and the old one told to drain.
+    let out = rh.control(&["reload"]);
+    let drained = Instant::now();
+    assert!(out.status.success(), "{out:?}");
+    rh.wait_log(&format!("draining worker worker.id=1 worker.pid={old}"));
+
+    write_request(&mut active, "GET", "/whoami", false).unwrap();
+    let r = read_response(&mut active)
+        .unwrap()
+        .expect("answered during the drain");
+    assert_eq!(r.status, 200);
+    assert!(r.closes(), "Connection: close during a drain: {r:?}");
+    assert_eq!(r.worker(), 1);
+    assert!(
+        read_response(&mut active).unwrap().is_none(),
+        "closed after it"
+    );
+
+    let r = read_response(&mut busy)
+        .unwrap()
+        .expect("the slow request is answered");
+    assert_eq!(r.status, 200);
+    assert!(r.closes(), "{r:?}");
+
+    let (closed, at) = silent.join().unwrap();
+    assert!(closed, "the silent one is closed, not answered");
+    let after = at.saturating_duration_since(drained);
+    assert!(
+        after >= Duration::from_millis(500) && after < Duration::from_secs(5),
+        "silent keep-alive connection closed {after:?} after the drain began (rule: ~1 s)"
+    );
+    eprintln!("silent keep-alive connection closed {after:?} after the drain began");
+    rh.wait_log(&format!(
+        "worker exited worker.id=1 worker.pid={old} status=exit code 0"
+    ));
+    assert!(!rh.log().contains("connections lost"), "{}", rh.log());
+}
