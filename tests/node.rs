@@ -1274,3 +1274,34 @@ fn drain_follows_hello_workers_keepalive_rule() {
     ));
     assert!(!rh.log().contains("connections lost"), "{}", rh.log());
 }
+
+/// Under `none` and `reuseport` the app's server accepts on the inherited listener itself; a
+/// drain closes that listener behind a stand-in handle. Under load, a reload fails no request
+/// and the old workers exit on their own.
+#[test]
+fn drain_under_none_and_reuseport_fails_no_request() {
+    require_node!();
+    for policy in ["none", "reuseport"] {
+        let rh = Rh::start(&plain_app(), 2, policy);
+        let load = WrkLoad::start(rh.addr, LOAD_CONNECTIONS, "/");
+        load.wait_more(200);
+        let out = rh.control(&["reload"]);
+        assert!(out.status.success(), "{policy}: {out:?}");
+        load.wait_more(200);
+        let (ok, errors) = load.finish();
+        assert!(
+            errors.is_empty(),
+            "{policy}: {} failed requests (of {ok}), first: {:?}",
+            errors.len(),
+            &errors[..errors.len().min(5)]
+        );
+        poll_until(&format!("{policy}: the old workers to exit"), || {
+            rh.log().matches("status=exit code 0").count() >= 2
+        });
+        assert!(
+            !rh.log().contains("killing worker"),
+            "{policy}: {}",
+            rh.log()
+        );
+    }
+}
