@@ -330,13 +330,9 @@
     });
     server.on('close', () => {
       checkDrained();
-      if (phase === 0 && served.has(server) && !servers.some((s) => served.has(s) && s.listening)) {
-        warn(
-          'closed',
-          'the app closed every server roundhouse serves without being drained: the worker ' +
-            'stays online but takes no connection (they go to other workers)',
-        );
-      }
+      // Checked a second later: a server opened and closed at start-up (a port probe) is not
+      // the app giving up on serving.
+      if (phase === 0 && served.has(server)) setTimeout(checkStillServing, 1000).unref();
     });
     if (!httpServer) {
       // HTTP/2 (and anything else that emits 'request'): counted; its sessions are the app's.
@@ -370,6 +366,16 @@
         if (phase > 0) return undefined;
         return Reflect.apply(origCloseIdle, this, arguments);
       };
+    }
+  }
+
+  function checkStillServing() {
+    if (phase === 0 && !servers.some((s) => served.has(s) && s.listening)) {
+      warn(
+        'closed',
+        'the app closed every server roundhouse serves without being drained: the worker ' +
+          'stays online but takes no connection (they go to other workers)',
+      );
     }
   }
 
