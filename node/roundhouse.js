@@ -98,7 +98,8 @@
   const hooked = new WeakSet();
   // Every socket of every hooked server, until its 'close': what the drain waits for. `seen` and
   // `last` are the sweep's: the socket's byte counts when it last looked, and when they changed.
-  const sockets = new Map(); // socket -> { http, upgraded, seen, last }
+  // For HTTPS, `tls` is the TLSSocket over the counted TCP socket: HTTP state lives there.
+  const sockets = new Map(); // socket -> { http, upgraded, seen, last, tls }
   let ready = false;
   // Drain phases: 0 serving; 1 draining HTTP (no new connections, keep-alive connections
   // closed by hello-worker's rule); 2 the app has been told; exiting once done.
@@ -320,7 +321,7 @@
     server.on('connection', (socket) => {
       stats.accepted++;
       statsChanged();
-      sockets.set(socket, { http: httpServer, upgraded: false, seen: -1, last: 0 });
+      sockets.set(socket, { http: httpServer, upgraded: false, seen: -1, last: 0, tls: null });
       socket.once('close', () => {
         sockets.delete(socket);
         stats.closed++;
@@ -349,10 +350,16 @@
       if (statsTimer === null) statsChanged();
       if (phase > 0 && !res.headersSent) res.setHeader('Connection', 'close');
     });
+    if (server instanceof https.Server) {
+      server.on('secureConnection', (tls) => {
+        const rec = sockets.get(tls._parent);
+        if (rec) rec.tls = tls;
+      });
+    }
     // An upgraded connection (websocket) or a CONNECT tunnel is the app's from now on: the drain
     // does not close it; the app's SIGTERM listeners do.
     const owned = (req, socket) => {
-      const rec = sockets.get(socket);
+      const rec = sockets.get(socket) || sockets.get(socket._parent);
       if (rec) rec.upgraded = true;
     };
     server.prependListener('upgrade', owned);
@@ -433,7 +440,7 @@
     // The response each connection is writing (Node's `socket._httpMessage`, which its own
     // closeIdleConnections() reads too): `Connection: close` if its head is not out yet.
     for (const [socket, rec] of sockets) {
-      const res = rec.http ? socket._httpMessage : null;
+      const res = rec.http ? (rec.tls || socket)._httpMessage : null;
       if (res && !res.headersSent) res.setHeader('Connection', 'close');
     }
     sweepTimer = setInterval(sweep, SWEEP_EVERY_MS);
@@ -476,15 +483,16 @@
       httpLeft++;
       // Silent = no byte in or out since the sweep before, and no response being written.
       const bytes = socket.bytesRead + socket.bytesWritten;
-      const res = socket._httpMessage;
+      const conn = rec.tls || socket; // where Node's HTTP server keeps its state
+      const res = conn._httpMessage;
       if (bytes !== rec.seen || (res && !res.finished)) {
         rec.seen = bytes;
         rec.last = now;
       }
       if (now - Math.max(drainStart, rec.last) < KEEPALIVE_GRACE_MS) continue;
       if (idle === undefined) idle = idleSockets();
-      if (idle !== null && !idle.has(socket)) continue; // a request is arriving
-      socket.destroy();
+      if (idle !== null && !idle.has(conn)) continue; // a request is arriving
+      conn.destroy();
       httpLeft--;
     }
     if (phase === 1 && (httpLeft === 0 || now - drainStart >= TELL_APP_AFTER_MS)) tellApp();
