@@ -1,5 +1,6 @@
-// The program from Node.js's own `cluster` documentation (https://nodejs.org/api/cluster.html,
-// the first example, CommonJS version), unchanged down to the end of the `if`; then, after it,
+// The program from Node.js's own `cluster` documentation (the first example of
+// https://nodejs.org/docs/latest-v20.x/api/cluster.html, CommonJS version), unchanged down to
+// the end of the `if`; then, after it,
 // the messaging half (the only lines that are not the tutorial's): a worker answers a
 // `{"ping": X}` message with `process.send`.
 //
