@@ -26,7 +26,10 @@
   const env = process.env;
   // Only the worker roundhouse started, not node processes the app spawns (they inherit
   // NODE_OPTIONS but not this marker, which is removed here).
-  if (env.ROUNDHOUSE_NODE !== '1') return;
+  if (env.ROUNDHOUSE_NODE !== '1') {
+    if (env.ROUNDHOUSE_WORKER_ID) watchDescendant(env.ROUNDHOUSE_WORKER_ID);
+    return;
+  }
   delete env.ROUNDHOUSE_NODE;
   if (typeof process.send !== 'function') {
     process.emitWarning('roundhouse: no IPC channel (NODE_CHANNEL_FD); the shim is inactive');
@@ -711,6 +714,34 @@
     }),
     enumerable: false,
   });
+
+  // A node process the app started (it inherited NODE_OPTIONS, not the marker): roundhouse
+  // serves none of its listens, and it has no channel to the primary. If it binds a TCP port
+  // itself (a cluster of the app's own, a copy of the app), say so once on stderr, which the
+  // primary logs as the worker's output.
+  function watchDescendant(id) {
+    const netModule = require('net');
+    const orig = netModule.Server.prototype._listen2;
+    let said = false;
+    netModule.Server.prototype._listen2 = function roundhouseChildListen2(
+      address,
+      port,
+      addressType,
+      backlog,
+      fd,
+    ) {
+      const tcp = !this._handle && typeof fd !== 'number' && (addressType === 4 || addressType === 6);
+      if (tcp && !said) {
+        said = true;
+        process.stderr.write(
+          `roundhouse: WARN worker ${id}: its child process ${process.pid} ` +
+            `(${process.argv.slice(1).join(' ')}) listens on port ${port | 0} itself: ` +
+            'roundhouse hands it no connection\n',
+        );
+      }
+      return Reflect.apply(orig, this, arguments);
+    };
+  }
 
   function parseAddr(s) {
     const m = /^\[(.*)\]:(\d+)$/.exec(s) || /^(.*):(\d+)$/.exec(s);

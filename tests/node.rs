@@ -1146,6 +1146,15 @@ fn what_roundhouse_does_not_serve_is_a_warning_naming_the_worker() {
     let dir = TempDir::new("warn");
     let app = dir.0.join("app.js");
     let sock = dir.0.join("app.sock");
+    // A child process of the app that binds a port itself (it leaves with its parent).
+    let child = dir.0.join("child.js");
+    std::fs::write(
+        &child,
+        "require('http').createServer().listen(0, '127.0.0.1');\n\
+         process.on('disconnect', () => process.exit(0));\n\
+         setTimeout(() => process.exit(0), 20000).unref();\n",
+    )
+    .unwrap();
     std::fs::write(
         &app,
         format!(
@@ -1157,6 +1166,7 @@ http.createServer(hello).listen(8000);
 http.createServer(hello).listen(9090); // a second port, and roundhouse has one listener
 http.createServer(hello).listen({sock:?});
 try {{ cluster.fork(); }} catch (e) {{ console.log(`fork threw: ${{e.message}}`); }}
+require('child_process').fork({child:?});
 "#
         ),
     )
@@ -1175,6 +1185,11 @@ try {{ cluster.fork(); }} catch (e) {{ console.log(`fork threw: ${{e.message}}`)
             "{line}"
         );
     }
+    // The child has no channel to the primary: its line is its own stderr, naming the worker.
+    rh.wait_line(
+        |l| l.contains("roundhouse: WARN worker 1: its child process") && l.contains("child.js"),
+        "the child's warning",
+    );
     assert_eq!(
         get(rh.addr, "/").unwrap().status,
         200,
