@@ -38,7 +38,6 @@
 
   const net = require('net');
   const http = require('http');
-  const https = require('https');
   const EventEmitter = require('events');
 
   const workerId = Number(env.ROUNDHOUSE_WORKER_ID) || 0;
@@ -312,8 +311,16 @@
     return false;
   }
 
+  // https.Server by its methods (requiring 'https' would load TLS into every worker): a TLS
+  // server with Node's HTTP/1 connection tracking. An HTTP/2 server has no closeIdleConnections.
+  function isTls(server) {
+    return typeof server.addContext === 'function';
+  }
   function isHttp(server) {
-    return server instanceof http.Server || server instanceof https.Server;
+    return (
+      server instanceof http.Server ||
+      (isTls(server) && typeof server.closeIdleConnections === 'function')
+    );
   }
 
   function hookServer(server) {
@@ -353,7 +360,7 @@
       if (statsTimer === null) statsChanged();
       if (phase > 0 && !res.headersSent) res.setHeader('Connection', 'close');
     });
-    if (server instanceof https.Server) {
+    if (httpServer && isTls(server)) {
       server.on('secureConnection', (tls) => {
         const rec = sockets.get(tls._parent);
         if (rec) rec.tls = tls;
