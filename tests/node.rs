@@ -1320,3 +1320,90 @@ fn drain_under_none_and_reuseport_fails_no_request() {
         );
     }
 }
+
+/// A self-signed certificate for localhost (EC P-256, valid until 2126): test fixture only.
+const TLS_KEY: &str = "-----BEGIN PRIVATE KEY-----\nMIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgNN1bpGW1uMwFs6DC\nhfWPOPwwn2D0DIp9mH9LlyKvjPChRANCAASlagm6hNzTFsFZuUWy9vmyE7Lrx0mh\nsC6PJRlyZJs3z4VUE0OtLuta5TDV2fm7aS5CJNDKOBE5EGliaAZGo+kS\n-----END PRIVATE KEY-----\n";
+const TLS_CERT: &str = "-----BEGIN CERTIFICATE-----\nMIIBfzCCASWgAwIBAgIUaQ/QczSIk2Esgn2fRn9BgAyQ3hIwCgYIKoZIzj0EAwIw\nFDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyOTIxMDMyOFoYDzIxMjYxMTA1\nMjEwMzI4WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\nPQMBBwNCAASlagm6hNzTFsFZuUWy9vmyE7Lrx0mhsC6PJRlyZJs3z4VUE0OtLuta\n5TDV2fm7aS5CJNDKOBE5EGliaAZGo+kSo1MwUTAdBgNVHQ4EFgQUn7093B2TetX8\nJ4R8lcnEeZDefygwHwYDVR0jBBgwFoAUn7093B2TetX8J4R8lcnEeZDefygwDwYD\nVR0TAQH/BAUwAwEB/zAKBggqhkjOPQQDAgNIADBFAiEAlysMIMmE0O1TTDjkn7KF\nBTdTErTFWQQuZcrrixrxZAICIBcC1xIgZBaFcritoMFm/pRLAmIlGG+yAvCFvAIe\nl2KU\n-----END CERTIFICATE-----\n";
+
+/// A child process killed and reaped on drop.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// HTTPS keeps its HTTP state on the TLS socket, not on the TCP socket the server counts: the
+/// drain's keep-alive rule applies there too (an idle keep-alive HTTPS connection is closed about
+/// a second after the drain began and the worker exits), not only after the 5 s cap.
+#[test]
+fn https_keepalive_connection_is_drained_by_the_same_rule() {
+    require_node!();
+    let dir = TempDir::new("tls");
+    std::fs::write(dir.0.join("key.pem"), TLS_KEY).unwrap();
+    std::fs::write(dir.0.join("cert.pem"), TLS_CERT).unwrap();
+    let app = dir.0.join("app.js");
+    std::fs::write(
+        &app,
+        "const fs = require('fs'); const path = require('path');\n\
+         const opts = { key: fs.readFileSync(path.join(__dirname, 'key.pem')),\n\
+                        cert: fs.readFileSync(path.join(__dirname, 'cert.pem')) };\n\
+         require('https').createServer(opts, (q, r) => r.end('ok\\n')).listen(8443);\n",
+    )
+    .unwrap();
+    // One request on a keep-alive agent, then the connection stays idle.
+    let client = dir.0.join("client.js");
+    std::fs::write(
+        &client,
+        "const https = require('https');\n\
+         const agent = new https.Agent({ keepAlive: true, maxSockets: 1 });\n\
+         const req = https.get({ host: '127.0.0.1', port: Number(process.argv[2]), agent,\n\
+                     rejectUnauthorized: false }, (res) => {\n\
+           res.resume();\n\
+           res.on('end', () => console.log(`idle ${res.headers.connection}`));\n\
+         });\n\
+         req.on('socket', (s) => s.on('close', () => { console.log('closed'); process.exit(0); }));\n\
+         req.on('error', (e) => { console.log(`error ${e.message}`); process.exit(1); });\n\
+         setTimeout(() => process.exit(2), 20000);\n",
+    )
+    .unwrap();
+    let mut rh = Rh::start(&app, 1, "rr");
+    let old = rh.worker_pids()[&1];
+    let mut c = ChildGuard(
+        Command::new("node")
+            .arg(&client)
+            .arg(rh.addr.port().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let mut out = BufReader::new(c.0.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "idle keep-alive", "the client's request");
+
+    let out_reload = rh.control(&["reload"]);
+    let drained = Instant::now();
+    assert!(out_reload.status.success(), "{out_reload:?}");
+    poll_until("the old worker to exit", || !alive(old));
+    let after = drained.elapsed();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(
+        line.trim(),
+        "closed",
+        "the server closed the idle connection"
+    );
+    assert!(
+        after >= Duration::from_millis(500) && after < Duration::from_secs(4),
+        "the worker holding an idle HTTPS keep-alive connection exited {after:?} after the drain"
+    );
+    rh.wait_log(&format!(
+        "worker exited worker.id=1 worker.pid={old} status=exit code 0"
+    ));
+    assert!(!rh.log().contains("connections lost"), "{}", rh.log());
+}
