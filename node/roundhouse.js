@@ -42,7 +42,7 @@
 
   const workerId = Number(env.ROUNDHOUSE_WORKER_ID) || 0;
   const policy = env.ROUNDHOUSE_POLICY || 'rr';
-  const handoff = policy === 'rr' || policy === 'least-conn';
+  const handoff = policy === 'rr' || policy === 'least-conn' || policy === 'sticky';
   // Under least-conn the primary picks by open connections: report closes sooner.
   const STATS_EVERY_MS = policy === 'least-conn' ? 10 : 100;
   const HEARTBEAT_EVERY_MS = Math.max(10, Number(process.env.ROUNDHOUSE_HEARTBEAT_MS) || 1000);

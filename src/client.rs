@@ -310,6 +310,18 @@ fn render_status(stats: &StatsSnapshot) -> String {
         known(t.requests_total),
         t.connections_lost
     );
+    if stats.workers.iter().any(|w| w.keys.is_some()) {
+        let keys: Vec<String> = stats
+            .workers
+            .iter()
+            .map(|w| format!("{}:{}", w.id, known(w.keys)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "sticky keys per worker (estimated): {}",
+            keys.join("  ")
+        );
+    }
     match &stats.fairness {
         Some(f) => {
             let _ = writeln!(
@@ -354,6 +366,7 @@ mod tests {
             connections_active: Some(1),
             requests_total: Some(conns * 2),
             backoff: None,
+            keys: None,
             connections_lost: 0,
             restarts: u64::from(id == 2),
             rss_bytes: rss,

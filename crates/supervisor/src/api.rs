@@ -246,6 +246,7 @@ pub(crate) mod fake {
             restarts: 1,
             rss_bytes: 5 * 1024 * 1024 + id as u64,
             backoff: None,
+            keys: None,
         }
     }
 

@@ -89,6 +89,7 @@ impl Primary {
                 start: None,
                 reuse,
                 was_online: false,
+                keys: Default::default(),
             });
         }
         Ok(())

@@ -91,6 +91,8 @@ pub(crate) struct Conn {
     peer: SocketAddr,
     /// When it was last handed to a worker (for the ack deadline).
     sent_at: Instant,
+    /// `sticky`: its affinity key.
+    key: u64,
 }
 
 /// A worker broke the protocol: it is killed and replaced.
@@ -371,6 +373,7 @@ impl Primary {
                         listener: listener_index,
                         peer,
                         sent_at: now,
+                        key: dispatch::ip_key(peer.ip()),
                     });
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -441,9 +444,9 @@ impl Primary {
         self.dispatch.set_rotation(
             pool.slots()
                 .iter()
-                .filter_map(|s| s.current)
-                .filter(|&k| pool.get(k).is_some_and(|w| matches!(w.life, Life::Online)))
-                .map(|k| (k, pool.get(k).map_or(0, |w| w.load(policy)))),
+                .filter_map(|s| Some((s.current?, s.id)))
+                .filter(|&(k, _)| pool.get(k).is_some_and(|w| matches!(w.life, Life::Online)))
+                .map(|(k, id)| (k, pool.get(k).map_or(0, |w| w.load(policy)), id)),
         );
     }
 
@@ -458,12 +461,21 @@ impl Primary {
                 return;
             }
             let now = Instant::now();
+            let sticky_slots = (policy == Policy::Sticky).then(|| self.pool.wanted_slots());
             loop {
                 let pool = &self.pool;
-                let Some(k) = self
-                    .dispatch
-                    .pick(|k| pool.get(k).is_some_and(|w| w.can_take(now)))
-                else {
+                let eligible = |k| {
+                    pool.get(k)
+                        .is_some_and(|w: &lifecycle::Worker| w.can_take(now))
+                };
+                let picked = match (sticky_slots, self.dispatch.peek_held()) {
+                    (Some(n), Some(c)) => {
+                        let key = c.key;
+                        self.dispatch.pick_sticky(key, n, eligible)
+                    }
+                    _ => self.dispatch.pick(eligible),
+                };
+                let Some(k) = picked else {
                     break;
                 };
                 let Some(conn) = self.dispatch.next_held() else {

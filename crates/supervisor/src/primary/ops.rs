@@ -94,6 +94,7 @@ impl Primary {
             Request::ResetStats { reply } => {
                 for s in self.pool.slots_mut() {
                     s.counters = Default::default();
+                    s.keys = Default::default();
                 }
                 if let Some(kr) = &mut self.kernel_rr {
                     kr.reset();
@@ -492,6 +493,7 @@ impl Primary {
                 restarts: s.counters.restarts,
                 rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
                 backoff: self.pool.backoff(i, now),
+                keys: (policy == crate::config::Policy::Sticky).then(|| s.keys.estimate()),
             });
         }
         StatsSnapshot::new(
