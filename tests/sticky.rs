@@ -130,3 +130,104 @@ fn sticky_key_with_another_policy_is_a_usage_error() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&["run"], &out));
     assert!(String::from_utf8_lossy(&out.stderr).contains("header:NAME"));
 }
+
+/// One request with `X-Forwarded-For: xff` from 127.0.0.1: the worker id that answered.
+fn via_proxy(xff: &str, addr: SocketAddr) -> u32 {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        c,
+        "GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: {xff}, 10.255.0.1\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-worker-id: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
+}
+
+#[test]
+fn header_keys_from_one_proxy_address_spread_and_stick() {
+    let p = Primary::start(&[
+        "-w",
+        "4",
+        "--policy",
+        "sticky",
+        "--sticky-key",
+        "header:X-Forwarded-For",
+    ]);
+    p.wait_ready();
+    let clients: Vec<String> = (1..=16).map(|i| format!("192.0.2.{i}")).collect();
+    let mut home: BTreeMap<&str, u32> = BTreeMap::new();
+    for _ in 0..3 {
+        for c in &clients {
+            let w = via_proxy(c, p.addr());
+            let first = *home.entry(c).or_insert(w);
+            assert_eq!(first, w, "{c} went to {w} after {first}");
+        }
+    }
+    let used: BTreeSet<u32> = home.values().copied().collect();
+    eprintln!("FIGURE sticky header:X-Forwarded-For, 16 clients behind one address: {home:?}");
+    assert!(used.len() >= 3, "{used:?}");
+    let out = p.client(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["sticky_fallbacks"], 0, "{doc}");
+}
+
+/// Peeking never stalls the loop: a client that sends nothing gets the fallback after a second
+/// (and is served once it speaks), garbage gets the fallback at once, and meanwhile everyone
+/// else is served; nothing is consumed: the worker reads each request as it was sent.
+#[test]
+fn silent_slow_and_garbage_clients_get_the_fallback_and_nobody_waits() {
+    let p = Primary::start(&[
+        "-w",
+        "2",
+        "--policy",
+        "sticky",
+        "--sticky-key",
+        "header:X-Forwarded-For",
+    ]);
+    p.wait_ready();
+    let addr = p.addr();
+    // A client that connects and says nothing yet.
+    let mut silent = TcpStream::connect(addr).unwrap();
+    // Garbage.
+    let mut garbage = TcpStream::connect(addr).unwrap();
+    garbage
+        .write_all(b"\x16\x03\x01\x02\x00 not http\r\n\r\n")
+        .unwrap();
+    // Meanwhile others are served at once.
+    for i in 0..20 {
+        let t = std::time::Instant::now();
+        via_proxy(&format!("198.51.100.{i}"), addr);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "a request waited {:?}",
+            t.elapsed()
+        );
+    }
+    // After the peek deadline the silent client is handed over; when it speaks, it is served.
+    let out = wait_until(Duration::from_secs(5), Duration::from_millis(50), || {
+        let o = p.client(&["status", "--json"]);
+        let doc: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        doc["sticky_fallbacks"].as_u64().is_some_and(|n| n >= 2)
+    });
+    assert!(
+        out,
+        "the silent and garbage clients were not counted as fallbacks"
+    );
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    silent
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    silent.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}

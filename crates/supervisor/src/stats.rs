@@ -32,6 +32,10 @@ pub struct StatsSnapshot {
     pub totals: Totals,
     /// Over the slots whose `connections_total` is known; `null` when none is.
     pub fairness: Option<Fairness>,
+    /// Under `sticky` with a `header:` key: connections that got the client's address as their
+    /// key instead (no such header, no complete request head within 1 s or 8 KiB, garbage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_fallbacks: Option<u64>,
 }
 
 impl StatsSnapshot {
@@ -52,6 +56,7 @@ impl StatsSnapshot {
             workers,
             totals,
             fairness,
+            sticky_fallbacks: None,
         }
     }
 
@@ -361,6 +366,7 @@ mod tests {
                 max_min_ratio: 1.01,
                 cv: 0.004,
             }),
+            sticky_fallbacks: None,
         }
     }
 

@@ -523,4 +523,21 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_thousand_addresses_spread_evenly_over_four_slots() {
+        for (n, bound) in [(16u32, f64::INFINITY), (1000, 1.25)] {
+            let mut per = [0u32; 4];
+            for i in 0..n {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+                per[jump_hash(ip_key(ip.into()), 4) as usize] += 1;
+            }
+            let (max, min) = (*per.iter().max().unwrap(), *per.iter().min().unwrap());
+            eprintln!(
+                "FIGURE sticky {n} addresses over 4 slots: {per:?}, max/min {:.2}",
+                f64::from(max) / f64::from(min.max(1))
+            );
+            assert!(f64::from(max) / f64::from(min.max(1)) <= bound, "{per:?}");
+        }
+    }
 }

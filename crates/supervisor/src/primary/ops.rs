@@ -151,6 +151,7 @@ impl Primary {
             let _ = reply.send(Err(OpError::Stopping));
         }
         // Hand what we hold to workers before they are told to drain, then stop accepting.
+        self.expire_peeks(None);
         self.dispatch();
         self.ops.phase = Phase::Stopping {
             deadline: Instant::now() + self.cfg.grace,
@@ -415,6 +416,7 @@ impl Primary {
             self.end_starvation();
         }
         self.check_workers(now);
+        self.expire_peeks(Some(now));
         if let Phase::Stopping {
             deadline, killed, ..
         } = &mut self.ops.phase
@@ -496,11 +498,15 @@ impl Primary {
                 keys: (policy == crate::config::Policy::Sticky).then(|| s.keys.estimate()),
             });
         }
-        StatsSnapshot::new(
+        let mut snapshot = StatsSnapshot::new(
             policy.as_str(),
             self.started.elapsed().as_secs_f64(),
             self.addrs.iter().map(|a| a.to_string()).collect(),
             workers,
-        )
+        );
+        if self.peeks() {
+            snapshot.sticky_fallbacks = Some(self.sticky_fallbacks);
+        }
+        snapshot
     }
 }
