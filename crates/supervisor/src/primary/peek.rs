@@ -194,7 +194,7 @@ mod tests {
     fn the_head_ends_at_the_blank_line() {
         assert_eq!(
             find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nbody"),
-            Some(22)
+            Some(20)
         );
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
     }
