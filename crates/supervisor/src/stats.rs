@@ -32,11 +32,16 @@ pub struct StatsSnapshot {
     pub totals: Totals,
     /// Over the slots whose `connections_total` is known; `null` when none is.
     pub fairness: Option<Fairness>,
+    /// The primary's process id (what `kill -HUP` wants). Last, as the SPEC adds it ("plus
+    /// `pid` at the top level") to its example document. `0` only when read from a primary
+    /// too old to send it.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 impl StatsSnapshot {
     /// Builds a snapshot from per-slot figures, deriving `totals` and `fairness` from them so the
-    /// three can never disagree.
+    /// three can never disagree. `pid` is this process's: snapshots are built by the primary.
     pub fn new(
         policy: impl Into<String>,
         uptime_s: f64,
@@ -52,6 +57,7 @@ impl StatsSnapshot {
             workers,
             totals,
             fairness,
+            pid: std::process::id(),
         }
     }
 
@@ -313,8 +319,8 @@ mod tests {
         );
     }
 
-    /// The SPEC's example document, verbatim.
-    const SPEC_EXAMPLE: &str = r#"{"policy":"rr","uptime_s":12.3,"listeners":["127.0.0.1:8000"],"workers":[{"id":1,"pid":4242,"state":"online","connections_total":100,"connections_active":3,"requests_total":250,"connections_lost":0,"restarts":0,"rss_bytes":5242880}],"totals":{"connections_total":400,"requests_total":1000,"connections_lost":0},"fairness":{"metric":"connections_total","jain":0.9999,"max_min_ratio":1.01,"cv":0.004}}"#;
+    /// The SPEC's example document, verbatim, plus the `pid` it adds at the top level.
+    const SPEC_EXAMPLE: &str = r#"{"policy":"rr","uptime_s":12.3,"listeners":["127.0.0.1:8000"],"workers":[{"id":1,"pid":4242,"state":"online","connections_total":100,"connections_active":3,"requests_total":250,"connections_lost":0,"restarts":0,"rss_bytes":5242880}],"totals":{"connections_total":400,"requests_total":1000,"connections_lost":0},"fairness":{"metric":"connections_total","jain":0.9999,"max_min_ratio":1.01,"cv":0.004},"pid":4141}"#;
 
     fn spec_snapshot() -> StatsSnapshot {
         StatsSnapshot {
@@ -343,6 +349,7 @@ mod tests {
                 max_min_ratio: 1.01,
                 cv: 0.004,
             }),
+            pid: 4141,
         }
     }
 
