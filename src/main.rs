@@ -201,6 +201,11 @@ fn with_hints(mut e: clap::Error, args: &[OsString]) -> clap::Error {
 }
 
 fn main() -> ExitCode {
+    // An empty ROUNDHOUSE_CONTROL is unset (as for ROUNDHOUSE_SCHED_POLICY), not "a value is
+    // required for --control". Still single-threaded here: nothing else reads the environment.
+    if std::env::var_os("ROUNDHOUSE_CONTROL").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("ROUNDHOUSE_CONTROL");
+    }
     let args: Vec<OsString> = std::env::args_os().collect();
     let parsed = Cli::command()
         .try_get_matches_from(&args)

@@ -443,6 +443,21 @@ fn roundhouse_control_env_finds_the_primary() {
     assert!(text(&out.stderr).contains("no primary running on /nonexistent/rh.sock"));
     let out = roundhouse_with(&["send", "--to", "all", "{\"ping\":1}"], &env, CLI_TIMEOUT);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&["send"], &out));
+    // Empty is unset: the default path, where no primary runs (not a usage error).
+    let dir = TempDir::new();
+    let runtime = dir.path().display().to_string();
+    let empty = [
+        ("ROUNDHOUSE_CONTROL", ""),
+        ("XDG_RUNTIME_DIR", runtime.as_str()),
+    ];
+    let out = roundhouse_with(&["status"], &empty, CLI_TIMEOUT);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        describe(&["status"], &out)
+    );
+    assert!(text(&out.stderr).contains(&format!("no primary running on {runtime}/roundhouse.sock")));
     let out = roundhouse_with(&["stop"], &env, CLI_TIMEOUT);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&["stop"], &out));
 }
