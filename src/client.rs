@@ -88,7 +88,7 @@ fn finish(result: Result<String, Failure>) -> i32 {
     }
 }
 
-/// `roundhouse status [--json]`: the stats table and fairness line, or with `json` the `/stats`
+/// `roundhouse status [--json]`: a summary line with the primary's pid, the stats table and fairness line, or with `json` the `/stats`
 /// document itself.
 pub fn status(control: &Path, json: bool) -> i32 {
     finish(run_status(control, json))
@@ -280,7 +280,12 @@ fn render_status(stats: &StatsSnapshot) -> String {
     };
     let _ = writeln!(
         out,
-        "policy {}  uptime {}  listeners {}",
+        "primary pid {}  policy {}  uptime {}  listeners {}",
+        if stats.pid == 0 {
+            "-".to_string()
+        } else {
+            stats.pid.to_string()
+        },
         stats.policy,
         human_uptime(stats.uptime_s),
         listeners
@@ -371,7 +376,7 @@ mod tests {
             restarts: u64::from(id == 2),
             rss_bytes: rss,
         };
-        StatsSnapshot::new(
+        let mut s = StatsSnapshot::new(
             "rr",
             12.34,
             vec!["127.0.0.1:8000".into()],
@@ -379,14 +384,16 @@ mod tests {
                 worker(1, 1000, WorkerState::Online, Some(4242), 4_404_019),
                 worker(2, 1001, WorkerState::Starting, None, 0),
             ],
-        )
+        );
+        s.pid = 4141;
+        s
     }
 
     #[test]
     fn table_and_fairness_line() {
         let out = render_status(&snapshot());
         let expected = "\
-policy rr  uptime 12.3s  listeners 127.0.0.1:8000
+primary pid 4141  policy rr  uptime 12.3s  listeners 127.0.0.1:8000
 ID   PID  STATE     CONNS  ACTIVE  REQUESTS  LOST  RESTARTS      RSS
  1  4242  online     1000       1      2000     0         0  4.2 MiB
  2     -  starting   1001       1      2002     0         1      0 B

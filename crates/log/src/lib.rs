@@ -40,8 +40,21 @@
 //!   2>&-`): otherwise the next socket the process opens becomes fd 2 and log lines would be
 //!   written into a listener or, worse, into a client's connection.
 //!
-//! The format of the lines is tracing-subscriber's default text format, unchanged: the env
-//! filter from `RUST_LOG` (default `info`), ANSI colours only when stderr is a terminal.
+//! # Formats
+//!
+//! [`Format::Text`] (the default) is tracing-subscriber's default text format, unchanged: ANSI
+//! colours only when stderr is a terminal. [`Format::Json`] (`roundhouse run --log-format json`)
+//! is tracing-subscriber's JSON format, one object per line, for log shippers:
+//!
+//! ```text
+//! {"timestamp":"2026-01-01T00:00:00.000000Z","level":"INFO","fields":{"message":"worker online","worker.id":1,"worker.pid":4242},"target":"roundhouse_supervisor::primary::lifecycle"}
+//! ```
+//!
+//! (`span`/`spans` are added for events inside spans). Everything this crate writes itself
+//! follows the format: the loss notice is then
+//! `{"timestamp":…,"level":"WARN","fields":{"message":"log lines could not be written","lost":N},"target":"PROGRAM"}`
+//! and a [`line`] is an `ERROR` object whose `fields.message` is the text. Either way, the env
+//! filter comes from `RUST_LOG` (default `info`).
 
 #![forbid(unsafe_code)]
 
@@ -70,12 +83,52 @@ pub fn init(program: &str) -> LogGuard {
     Builder::new(program).init()
 }
 
+/// How each line is written: see the module docs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Format {
+    /// tracing-subscriber's text format.
+    #[default]
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `fields` (with `message`), `target`.
+    Json,
+}
+
+impl Format {
+    /// `text` or `json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Json => "json",
+        }
+    }
+}
+
+impl std::fmt::Display for Format {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Format, String> {
+        match s {
+            "text" => Ok(Format::Text),
+            "json" => Ok(Format::Json),
+            other => Err(format!(
+                "unknown log format '{other}' (expected text or json)"
+            )),
+        }
+    }
+}
+
 /// How to set logging up; [`init`] is `Builder::new(program).init()`.
 #[derive(Debug, Clone)]
 pub struct Builder {
     program: String,
     queue_lines: usize,
     exit_flush: Duration,
+    format: Format,
 }
 
 impl Builder {
@@ -84,7 +137,14 @@ impl Builder {
             program: program.into(),
             queue_lines: DEFAULT_QUEUE_LINES,
             exit_flush: DEFAULT_EXIT_FLUSH,
+            format: Format::Text,
         }
+    }
+
+    /// The format of every line, the crate's own notices included (default [`Format::Text`]).
+    pub fn format(mut self, format: Format) -> Builder {
+        self.format = format;
+        self
     }
 
     /// Lines queued before further lines are dropped (counted); at least 1.
@@ -102,19 +162,29 @@ impl Builder {
     /// Installs the global subscriber writing to stderr (see [`init`]).
     pub fn init(self) -> LogGuard {
         open_closed_stdio();
-        let ansi = io::stderr().is_terminal();
+        let format = self.format;
         let (writer, guard) = self.writer_to(io::stderr());
         let filter = tracing_subscriber::EnvFilter::try_from_default_env()
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-        let installed = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(writer.clone())
-            .with_ansi(ansi)
-            // Our writer never returns an error; and if it did, tracing-subscriber would report
-            // it with `eprintln!`, which panics when stderr is what failed.
-            .log_internal_errors(false)
-            .try_init()
-            .is_ok();
+        // Our writer never returns an error; and if it did, tracing-subscriber would report it
+        // with `eprintln!` unless told not to, which panics when stderr is what failed.
+        let installed = match format {
+            Format::Text => tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(writer.clone())
+                .with_ansi(io::stderr().is_terminal())
+                .log_internal_errors(false)
+                .try_init()
+                .is_ok(),
+            Format::Json => tracing_subscriber::fmt()
+                .json()
+                .with_env_filter(filter)
+                .with_writer(writer.clone())
+                .with_ansi(false)
+                .log_internal_errors(false)
+                .try_init()
+                .is_ok(),
+        };
         if installed {
             let _ = GLOBAL.set(writer);
         }
@@ -124,7 +194,11 @@ impl Builder {
     /// The writer alone, writing to `sink` on its own thread, without installing anything: for
     /// a subscriber of your own (`.with_writer(writer)`) and for tests.
     pub fn writer_to<W: Write + AsFd + Send + 'static>(self, sink: W) -> (LogWriter, LogGuard) {
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared {
+            format: self.format,
+            program: self.program.clone(),
+            ..Shared::default()
+        });
         let (queue, worker) = NonBlockingBuilder::default()
             .lossy(true)
             .buffered_lines_limit(self.queue_lines)
@@ -178,6 +252,15 @@ pub fn line(text: &str) {
         buf.push('\n');
     }
     match GLOBAL.get() {
+        Some(w) if w.shared.format == Format::Json => {
+            let obj = own_line(
+                &w.shared.program,
+                "ERROR",
+                text.trim_end_matches('\n'),
+                None,
+            );
+            let _ = w.make_writer().write_all(obj.as_bytes());
+        }
         Some(w) => {
             let _ = w.make_writer().write_all(buf.as_bytes());
         }
@@ -187,8 +270,33 @@ pub fn line(text: &str) {
     }
 }
 
+/// A line this crate writes itself, as one JSON object shaped like tracing-subscriber's
+/// (`timestamp`, `level`, `fields.message`, `target`), newline-terminated.
+fn own_line(program: &str, level: &str, message: &str, lost: Option<u64>) -> String {
+    use tracing_subscriber::fmt::{format::Writer, time::FormatTime};
+    let mut timestamp = String::new();
+    let _ = tracing_subscriber::fmt::time::SystemTime.format_time(&mut Writer::new(&mut timestamp));
+    let mut fields = serde_json::Map::new();
+    fields.insert("message".into(), message.into());
+    if let Some(n) = lost {
+        fields.insert("lost".into(), n.into());
+    }
+    let mut obj = serde_json::Map::new();
+    obj.insert("timestamp".into(), timestamp.into());
+    obj.insert("level".into(), level.into());
+    obj.insert("fields".into(), fields.into());
+    obj.insert("target".into(), program.into());
+    let mut line = serde_json::Value::Object(obj).to_string();
+    line.push('\n');
+    line
+}
+
 #[derive(Debug, Default)]
 struct Shared {
+    /// The format of the lines this crate writes itself.
+    format: Format,
+    /// Names the process in those lines.
+    program: String,
     /// Lines handed to the queue (queued or dropped).
     submitted: AtomicU64,
     /// Lines the sink is done with (written or failed).
@@ -360,11 +468,16 @@ impl Sink {
     fn report(&mut self, dropped: u64) {
         let lost = self.lost(dropped);
         if lost > self.reported {
-            let notice = format!(
-                "{}: {} log lines could not be written\n",
-                self.program,
-                lost - self.reported
-            );
+            let n = lost - self.reported;
+            let notice = match self.shared.format {
+                Format::Text => format!("{}: {n} log lines could not be written\n", self.program),
+                Format::Json => own_line(
+                    &self.program,
+                    "WARN",
+                    "log lines could not be written",
+                    Some(n),
+                ),
+            };
             if self.put(notice.as_bytes()).is_ok() {
                 self.reported = lost;
             }
@@ -604,6 +717,52 @@ mod tests {
         assert_eq!(text, "last\n");
     }
 
+    /// Under `--log-format json` the notice is a JSON object like tracing's own lines.
+    #[test]
+    fn the_json_notice_is_one_json_object() {
+        let (out, mut r) = UnixStream::pair().unwrap();
+        let mode = Arc::new(AtomicU8::new(FAIL));
+        let (w, guard) = Builder::new("t").format(Format::Json).writer_to(Switch {
+            out,
+            mode: Arc::clone(&mode),
+        });
+        for _ in 0..3 {
+            log(&w, "{\"lost\":true}\n");
+        }
+        assert!(guard.flush(WAIT));
+        mode.store(OK, SeqCst);
+        log(&w, "{\"after\":1}\n");
+        let text = read_until(&mut r, |t| t.contains("after"));
+        let mut lines = text.lines();
+        let notice: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+        assert_eq!(notice["level"], "WARN", "{notice}");
+        assert_eq!(notice["target"], "t", "{notice}");
+        assert_eq!(
+            notice["fields"]["message"], "log lines could not be written",
+            "{notice}"
+        );
+        assert_eq!(notice["fields"]["lost"], 3, "{notice}");
+        assert!(
+            notice["timestamp"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z')),
+            "{notice}"
+        );
+        assert_eq!(lines.next(), Some("{\"after\":1}"));
+    }
+
+    #[test]
+    fn formats_parse_and_print() {
+        assert_eq!("text".parse::<Format>().unwrap(), Format::Text);
+        assert_eq!("json".parse::<Format>().unwrap(), Format::Json);
+        assert_eq!(Format::Json.to_string(), "json");
+        assert!("JSON"
+            .parse::<Format>()
+            .unwrap_err()
+            .contains("text or json"));
+        assert_eq!(Format::default(), Format::Text);
+    }
+
     #[test]
     fn a_line_cut_short_by_an_error_does_not_swallow_the_next_one() {
         let (out, mut r) = UnixStream::pair().unwrap();
@@ -671,7 +830,7 @@ mod tests {
         assert!(text.starts_with(&filled));
         let text = &text[filled.len()..];
         let written = text.lines().filter(|l| l.starts_with('x')).count();
-        let reported: u64 = notices(&text).iter().sum();
+        let reported: u64 = notices(text).iter().sum();
         assert!(reported > 0, "no notice in the output");
         assert_eq!(
             written as u64 + reported,

@@ -26,6 +26,7 @@
 //! | `roundhouse_policy_info` | gauge (info, always 1) | `policy` |
 //! | `roundhouse_uptime_seconds` | gauge | |
 //! | `roundhouse_workers` | gauge (number of slots) | |
+//! | `roundhouse_pid` | gauge (the primary's process id) | |
 //! | `roundhouse_worker_state` | gauge (1 for the current state, 0 for the others) | `worker`, `state` |
 //! | `roundhouse_worker_pid` | gauge (only for slots with a process) | `worker` |
 //! | `roundhouse_worker_connections_total` | counter | `worker` |
@@ -36,6 +37,9 @@
 //! | `roundhouse_worker_rss_bytes` | gauge | `worker` |
 //! | `roundhouse_connections_total`, `roundhouse_requests_total`, `roundhouse_connections_lost_total` | counter | |
 //! | `roundhouse_fairness_jain`, `roundhouse_fairness_max_min_ratio`, `roundhouse_fairness_cv` | gauge | |
+//!
+//! Within a family, samples are sorted by slot id (then state), so every scrape lists the same
+//! lines in the same order.
 //!
 //! Counters drop to zero after `POST /stats/reset`; Prometheus treats that as a counter reset.
 
@@ -213,6 +217,9 @@ pub fn render_metrics(snapshot: &StatsSnapshot) -> String {
     let slots = Gauge::<u64, AtomicU64>::default();
     slots.set(snapshot.workers.len() as u64);
     registry.register("workers", "Number of worker slots", slots);
+    let pid = Gauge::<u64, AtomicU64>::default();
+    pid.set(u64::from(snapshot.pid));
+    registry.register("pid", "Process id of the primary", pid);
 
     let state = Family::<Labels, Gauge<u64, AtomicU64>>::default();
     let pid = Family::<Labels, Gauge<u64, AtomicU64>>::default();
@@ -338,6 +345,42 @@ pub fn render_metrics(snapshot: &StatsSnapshot) -> String {
         tracing::error!(error = %err, "admin: could not encode metrics");
         out.clear();
     }
+    sort_samples(&out)
+}
+
+/// The encoder writes a family's samples in the order of its hash map: sort them (by slot id as
+/// a number, then by the rest of the line) so that two scrapes list the same lines in the same
+/// order and a diff of two scrapes shows only what changed. Families keep their registration
+/// order; comment lines (`# HELP`, `# TYPE`) stay where they are.
+fn sort_samples(text: &str) -> String {
+    fn key(line: &str) -> (&str, u64, &str) {
+        let name = line.split(['{', ' ']).next().unwrap_or(line);
+        let worker = line
+            .split_once("worker=\"")
+            .and_then(|(_, rest)| rest.split('"').next())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or(0);
+        (name, worker, line)
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut run: Vec<&str> = Vec::new();
+    let flush = |run: &mut Vec<&str>, out: &mut String| {
+        run.sort_by(|a, b| key(a).cmp(&key(b)));
+        for line in run.drain(..) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    };
+    for line in text.lines() {
+        if line.starts_with('#') {
+            flush(&mut run, &mut out);
+            out.push_str(line);
+            out.push('\n');
+        } else {
+            run.push(line);
+        }
+    }
+    flush(&mut run, &mut out);
     out
 }
 
@@ -416,6 +459,7 @@ mod tests {
         let mut want = vec![
             "fairness",
             "listeners",
+            "pid",
             "policy",
             "totals",
             "uptime_s",
@@ -677,5 +721,41 @@ mod tests {
         let ok =
             parse_prometheus("# HELP foo x\n# TYPE foo gauge\nfoo{a=\"b\\\"}\",c=\"d\"} 1.5\n");
         assert_eq!(ok["foo{a=\"b\\\"}\",c=\"d\"}"], 1.5);
+    }
+
+    /// Two renders of the same snapshot are identical, and each family lists its samples by
+    /// slot id as a number (2 before 10), whatever order the hash maps iterate in.
+    #[test]
+    fn metrics_come_out_in_a_stable_sorted_order() {
+        use crate::stats::WorkerStats;
+        let worker = |id| WorkerStats {
+            id,
+            pid: Some(1000 + id),
+            state: WorkerState::Online,
+            connections_total: Some(u64::from(id)),
+            connections_active: Some(0),
+            requests_total: Some(0),
+            connections_lost: 0,
+            restarts: 0,
+            rss_bytes: 0,
+        };
+        let snapshot = StatsSnapshot::new("rr", 1.0, vec![], (1..=12).rev().map(worker).collect());
+        let text = render_metrics(&snapshot);
+        for _ in 0..5 {
+            assert_eq!(render_metrics(&snapshot), text);
+        }
+        let ids: Vec<u32> = text
+            .lines()
+            .filter(|l| l.starts_with("roundhouse_worker_pid{"))
+            .map(|l| l.split('"').nth(1).unwrap().parse().unwrap())
+            .collect();
+        assert_eq!(ids, (1..=12).collect::<Vec<_>>());
+        let states: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("roundhouse_worker_state{worker=\"2\""))
+            .map(|l| l.split('"').nth(3).unwrap())
+            .collect();
+        assert_eq!(states, ["draining", "online", "starting", "stopped"]);
+        assert!(text.contains(&format!("roundhouse_pid {}\n", std::process::id())));
     }
 }

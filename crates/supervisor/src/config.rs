@@ -37,6 +37,12 @@ pub struct Config {
     pub plain: bool,
     /// `sticky`: what a connection's affinity key is.
     pub sticky_key: StickyKey,
+    /// Extra environment for every worker (`--config`'s `env` table), on top of the primary's
+    /// own. The variables roundhouse sets for a worker (`ROUNDHOUSE_*`, `LISTEN_*`,
+    /// `NODE_CHANNEL_*`) are roundhouse's: a same-named entry here does not replace them.
+    pub env: Vec<(OsString, OsString)>,
+    /// Recycle (gracefully) a worker whose resident set exceeds this many bytes; `None` = off.
+    pub max_memory: Option<u64>,
 }
 
 /// A connection's affinity key under `--policy sticky`.
@@ -94,6 +100,8 @@ impl Config {
             node_shim: None,
             plain: false,
             sticky_key: StickyKey::Ip,
+            env: Vec::new(),
+            max_memory: None,
         }
     }
 }
@@ -125,6 +133,38 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// Parses a size like `512MiB`, `2GiB`, `1.5G`, `100k` or a bare number of bytes. Binary
+/// (`KiB`, `MiB`, `GiB`, `TiB`) and decimal (`kB`/`KB`, `MB`, `GB`, `TB`) units; a single
+/// letter (`K`, `M`, `G`, `T`, either case) is binary, as in `ps` and systemd's `MemoryMax=`.
+/// Zero and sizes that do not fit in a `u64` are refused.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let bad = || format!("invalid size '{s}' (expected e.g. 512MiB, 2GiB, 1500MB)");
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num.parse().map_err(|_| bad())?;
+    const K: f64 = 1024.0;
+    let factor = match unit.trim_start() {
+        "" | "B" | "b" => 1.0,
+        "KiB" | "K" | "k" => K,
+        "MiB" | "M" | "m" => K * K,
+        "GiB" | "G" | "g" => K * K * K,
+        "TiB" | "T" | "t" => K * K * K * K,
+        "kB" | "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return Err(bad()),
+    };
+    let bytes = (value * factor).round();
+    if !(bytes >= 1.0 && bytes < u64::MAX as f64) {
+        return Err(format!("invalid size '{s}' (must be at least 1 byte)"));
+    }
+    Ok(bytes as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +190,30 @@ mod tests {
         );
         for bad in ["", "header:", "header:a b", "cookie", "header:x:y"] {
             assert!(bad.parse::<StickyKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("100k").unwrap(), 102_400);
+        assert_eq!(parse_size("1500MB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("64 MiB").unwrap(), 64 << 20);
+        for bad in [
+            "",
+            "0",
+            "0MiB",
+            "MiB",
+            "12XB",
+            "-1G",
+            "1e3",
+            "99999999999TiB",
+        ] {
+            assert!(parse_size(bad).is_err(), "{bad}");
         }
     }
 

@@ -52,7 +52,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 pub use api::{ApiClient, ApiError, OpError, Request, Target};
-pub use config::{parse_duration, Config, Policy, StickyKey, MAX_WORKERS};
+pub use config::{parse_duration, parse_size, Config, Policy, StickyKey, MAX_WORKERS};
 pub use events::{Event, ExitInfo};
 pub use stats::StatsSnapshot;
 
@@ -176,6 +176,28 @@ impl Builder {
     /// Under `--policy sticky`: what a connection's affinity key is.
     pub fn sticky_key(mut self, key: StickyKey) -> Self {
         self.cfg.sticky_key = key;
+        self
+    }
+    /// An environment variable for every worker (repeatable), on top of the primary's own.
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.cfg.env.push((key.into(), value.into()));
+        self
+    }
+    /// Environment variables for every worker (see [`Builder::env`]).
+    pub fn envs<I, K, V>(mut self, vars: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<OsString>,
+        V: Into<OsString>,
+    {
+        self.cfg
+            .env
+            .extend(vars.into_iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+    /// Recycle (gracefully) a worker whose RSS exceeds `bytes`; `None` = off.
+    pub fn max_memory(mut self, bytes: Option<u64>) -> Self {
+        self.cfg.max_memory = bytes;
         self
     }
     pub fn config(&self) -> &Config {

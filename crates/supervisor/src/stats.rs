@@ -36,11 +36,16 @@ pub struct StatsSnapshot {
     /// key instead (no such header, no complete request head within 1 s or 8 KiB, garbage).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky_fallbacks: Option<u64>,
+    /// The primary's process id (what `kill -HUP` wants). Last, as the SPEC adds it ("plus
+    /// `pid` at the top level") to its example document. `0` only when read from a primary
+    /// too old to send it.
+    #[serde(default)]
+    pub pid: u32,
 }
 
 impl StatsSnapshot {
     /// Builds a snapshot from per-slot figures, deriving `totals` and `fairness` from them so the
-    /// three can never disagree.
+    /// three can never disagree. `pid` is this process's: snapshots are built by the primary.
     pub fn new(
         policy: impl Into<String>,
         uptime_s: f64,
@@ -57,6 +62,7 @@ impl StatsSnapshot {
             totals,
             fairness,
             sticky_fallbacks: None,
+            pid: std::process::id(),
         }
     }
 
@@ -334,8 +340,8 @@ mod tests {
         );
     }
 
-    /// The SPEC's example document, verbatim.
-    const SPEC_EXAMPLE: &str = r#"{"policy":"rr","uptime_s":12.3,"listeners":["127.0.0.1:8000"],"workers":[{"id":1,"pid":4242,"state":"online","connections_total":100,"connections_active":3,"requests_total":250,"connections_lost":0,"restarts":0,"rss_bytes":5242880}],"totals":{"connections_total":400,"requests_total":1000,"connections_lost":0},"fairness":{"metric":"connections_total","jain":0.9999,"max_min_ratio":1.01,"cv":0.004}}"#;
+    /// The SPEC's example document, verbatim, plus the `pid` it adds at the top level.
+    const SPEC_EXAMPLE: &str = r#"{"policy":"rr","uptime_s":12.3,"listeners":["127.0.0.1:8000"],"workers":[{"id":1,"pid":4242,"state":"online","connections_total":100,"connections_active":3,"requests_total":250,"connections_lost":0,"restarts":0,"rss_bytes":5242880}],"totals":{"connections_total":400,"requests_total":1000,"connections_lost":0},"fairness":{"metric":"connections_total","jain":0.9999,"max_min_ratio":1.01,"cv":0.004},"pid":4141}"#;
 
     fn spec_snapshot() -> StatsSnapshot {
         StatsSnapshot {
@@ -367,6 +373,7 @@ mod tests {
                 cv: 0.004,
             }),
             sticky_fallbacks: None,
+            pid: 4141,
         }
     }
 

@@ -649,6 +649,15 @@ impl Primary {
             let names: Vec<String> = (0..listeners).map(|i| format!("listen{i}")).collect();
             env.push(("LISTEN_FDNAMES".into(), names.join(":").into()));
         }
+        // `--config`'s `env`, after roundhouse's own, which it never replaces.
+        let ours: Vec<OsString> = env.iter().map(|(k, _)| k.clone()).collect();
+        env.extend(
+            self.cfg
+                .env
+                .iter()
+                .filter(|(k, _)| !ours.contains(k))
+                .cloned(),
+        );
         env
     }
 }
