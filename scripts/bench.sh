@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Loads roundhouse (each dispatch policy) and Node's own cluster with wrk on the same workloads,
-# and writes target/bench/{results.json,results.md,shares.png,shares.svg}. See docs/benchmarks.md.
+# and writes target/bench/{results.json,results.md,shares.{png,svg},fairness-cost.{png,svg}}.
+# See docs/benchmarks.md.
 #
 # usage: scripts/bench.sh [--quick] [--workers N] [--duration S] [--policies LIST] [options]
 #
@@ -8,10 +9,13 @@
 #   --workers N         workers per server (default: number of CPUs)
 #   --duration S        measured seconds per cell (default 10; --quick: 2)
 #   --warmup S          warm-up seconds per cell, not measured (default 3; --quick: 1)
-#   --policies LIST     comma-separated rows to run (default:
-#                       rr,least-conn,none,reuseport,node-rr,node-none,roundhouse-node-rr;
-#                       the Node rows are skipped without node). `roundhouse-node-rr` is
-#                       roundhouse --node running the same Node app, unmodified, without cluster.
+#   --policies LIST     comma-separated rows to run (default: rr,least-conn,none,reuseport,
+#                       reuseport-rr,node-rr,node-none,roundhouse-node-rr; the Node rows are
+#                       skipped without node). `roundhouse-node-rr` is roundhouse --node running
+#                       the same Node app, unmodified, without cluster. `reuseport-rr` needs
+#                       CAP_BPF: when the server refuses to start for want of it (or the kernel
+#                       refuses the BPF program) its row says why it was skipped, and the bench
+#                       does not fail.
 #   --workloads LIST    keep-alive,conn-per-request,mixed (default: all three)
 #   --connections C     wrk connections (default 64)
 #   --threads T         wrk threads (default 2)
@@ -21,6 +25,8 @@
 #   --out DIR           output directory (default target/bench)
 #   --no-build          use the existing target/release binaries
 #   --no-chart          do not set up matplotlib; write results.json/results.md only
+#   --without-cap-bpf   start reuseport-rr with CAP_BPF and CAP_SYS_ADMIN dropped (setpriv), to
+#                       check the skipped-row path on a machine that has them
 #   --no-floor          skip the accept floor (scripts/accept_floor.c, a bare accept+close loop
 #                       loaded like connection-per-request once per round, built with cc when
 #                       one is installed): the CPU per connection of the kernel's part alone
@@ -38,7 +44,7 @@ QUICK=0
 WORKERS=$(nproc 2>/dev/null || echo 2)
 DURATION=
 WARMUP=
-POLICIES=rr,least-conn,none,reuseport,node-rr,node-none,roundhouse-node-rr
+POLICIES=rr,least-conn,none,reuseport,reuseport-rr,node-rr,node-none,roundhouse-node-rr
 WORKLOADS=keep-alive,conn-per-request,mixed
 CONNECTIONS=64
 THREADS=2
@@ -49,6 +55,7 @@ BUILD=1
 CHART=1
 FLOOR=1
 FLOOR_VALUES=()
+WITHOUT_CAP_BPF=0
 READY_DEADLINE_S=30
 STOP_DEADLINE_S=15
 
@@ -78,6 +85,7 @@ while (($#)); do
     --no-build) BUILD=0 ;;
     --no-chart) CHART=0 ;;
     --no-floor) FLOOR=0 ;;
+    --without-cap-bpf) WITHOUT_CAP_BPF=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die_usage "unknown argument '$1' (see --help)" ;;
   esac
@@ -104,7 +112,7 @@ IFS=, read -r -a POLICY_LIST <<<"$POLICIES"
 IFS=, read -r -a WORKLOAD_LIST <<<"$WORKLOADS"
 for p in "${POLICY_LIST[@]}"; do
   case $p in
-    rr | least-conn | none | reuseport | node-rr | node-none | roundhouse-node-rr) ;;
+    rr | least-conn | none | reuseport | reuseport-rr | node-rr | node-none | roundhouse-node-rr) ;;
     *) die_usage "unknown policy '$p'" ;;
   esac
 done
@@ -120,7 +128,8 @@ OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT"/raw/* "$OUT"/logs/*
 ROWS=$OUT/rows.jsonl
 : >"$ROWS"
-rm -f "$OUT/results.json" "$OUT/results.md" "$OUT/shares.png" "$OUT/shares.svg"
+rm -f "$OUT/results.json" "$OUT/results.md" "$OUT/shares.png" "$OUT/shares.svg" \
+  "$OUT/fairness-cost.png" "$OUT/fairness-cost.svg"
 RH=$ROOT/target/release/roundhouse
 HELLO=$ROOT/target/release/hello-worker
 REPORT=$ROOT/scripts/bench_report.py
@@ -135,6 +144,7 @@ LISTEN=
 ADMIN=
 FAILED=()
 SKIPPED=()
+SKIP_REASON=
 
 # --- process hygiene --------------------------------------------------------------------------
 
@@ -278,9 +288,12 @@ start_server() {
   local name=$1 i
   local -a cmd
   case $name in
-    rr | least-conn | none | reuseport)
+    rr | least-conn | none | reuseport | reuseport-rr)
       cmd=("$RH" run -l 127.0.0.1:0 --admin 127.0.0.1:0 --control "$TMP/$name.sock"
         -w "$WORKERS" --policy "$name" -- "$HELLO")
+      if [[ $name == reuseport-rr ]] && ((WITHOUT_CAP_BPF)); then
+        cmd=(setpriv --inh-caps=-bpf,-sys_admin --bounding-set=-bpf,-sys_admin -- "${cmd[@]}")
+      fi
       ;;
     node-rr | node-none)
       cmd=(node "$ROOT/scripts/node-cluster.js" --workers "$WORKERS" --listen 127.0.0.1:0
@@ -310,6 +323,7 @@ start_server() {
       log "$name exited before it was ready; last lines of $SERVER_LOG:"
       tail -n 20 "$SERVER_LOG" >&2 || true
       stop_server
+      bpf_skip_reason
       return 1
     fi
     sleep 0.1
@@ -330,6 +344,17 @@ start_server() {
   log "$name ready: pid $SERVER_PID, listening on $LISTEN, admin on $ADMIN"
 }
 
+# After reuseport-rr failed to start: when its log says the BPF part was refused (no CAP_BPF, a
+# kernel without the BPF support it needs, the verifier), sets SKIP_REASON to the server's own
+# line, so the row is reported as skipped, with that reason, rather than as a failure.
+bpf_skip_reason() {
+  SKIP_REASON=
+  [[ $SERVER_NAME == reuseport-rr && -r $SERVER_LOG ]] || return 0
+  SKIP_REASON=$(sed 's/\x1b\[[0-9;]*m//g' "$SERVER_LOG" |
+    grep -m1 -e 'needs CAP_BPF' -e 'cannot run reuseport-rr' -e 'verifier refused' |
+    sed 's/^roundhouse: //' || true)
+}
+
 # utime+stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
 cpu_ticks() {
   local stat
@@ -338,6 +363,24 @@ cpu_ticks() {
   # shellcheck disable=SC2086
   set -- $stat
   echo $((${12} + ${13}))
+}
+
+# Sum of utime+stime over the pids given, in clock ticks; fails when one of them is gone (its
+# time would be lost, so the sum would be wrong rather than low).
+cpu_ticks_sum() {
+  local sum=0 pid t
+  for pid in "$@"; do
+    t=$(cpu_ticks "$pid" 2>/dev/null) || return 1
+    sum=$((sum + t))
+  done
+  echo "$sum"
+}
+
+# Worker pids listed by a /stats document (roundhouse's and node-cluster.js's alike).
+stats_worker_pids() {
+  "$PY" -c 'import json,sys
+print(" ".join(str(w["pid"]) for w in json.load(open(sys.argv[1])).get("workers", [])
+               if w.get("pid")))' "$1"
 }
 
 rss_kib() {
@@ -380,6 +423,7 @@ run_wrk() {
 # Runs one workload against the current server: warm-up, reset, measure, collect one row.
 run_cell() {
   local name=$1 workload=$2 round=$3 url="http://$LISTEN/" base=$OUT/raw/$1.$2.r$3 t0 t1 rss
+  local wpids w0 w1
   local -a args=(-t "$THREADS" -c "$CONNECTIONS" --latency --timeout 5s)
   case $workload in
     keep-alive) args+=(-s "$ROOT/scripts/wrk/plain.lua") ;;
@@ -389,14 +433,38 @@ run_cell() {
   log "$name / $workload (round $round/$REPEAT): warm-up ${WARMUP}s, measure ${DURATION}s"
   run_wrk "$base.warmup.txt" "${args[@]}" -d "${WARMUP}s" "$url" || return 1
   admin POST /stats/reset >/dev/null || { log "POST /stats/reset failed"; return 1; }
+  # The workers' CPU is read from /proc like the primary's, for the pids /stats lists now; if one
+  # of them is gone by the end (a restart), the workers' figure is left out (null), not guessed.
+  admin GET /stats >"$base.pids.json" || { log "GET /stats failed"; return 1; }
+  wpids=$(stats_worker_pids "$base.pids.json") || return 1
+  [[ -n $wpids ]] || log "$name: /stats lists no worker pids: no workers' CPU for this cell"
+  # shellcheck disable=SC2086
+  w0=$(cpu_ticks_sum $wpids) || w0=
   t0=$(cpu_ticks "$SERVER_PID") || return 1
   run_wrk "$base.wrk.txt" "${args[@]}" -d "${DURATION}s" "$url" || return 1
   t1=$(cpu_ticks "$SERVER_PID") || return 1
+  # shellcheck disable=SC2086
+  w1=$(cpu_ticks_sum $wpids) || { w1=; log "$name: a worker exited during the measurement"; }
   settled_stats "$base.stats.json" || { log "GET /stats failed"; return 1; }
   rss=$(rss_kib "$SERVER_PID")
+  local -a wargs=()
+  if [[ -n $wpids && -n $w0 && -n $w1 ]]; then
+    wargs=(--worker-cpu-ticks-before "$w0" --worker-cpu-ticks-after "$w1")
+  fi
   "$PY" "$REPORT" row --policy "$name" --workload "$workload" --round "$round" --wrk "$base.wrk.txt" \
-    --stats "$base.stats.json" --cpu-ticks-before "$t0" --cpu-ticks-after "$t1" \
+    --stats "$base.stats.json" --cpu-ticks-before "$t0" --cpu-ticks-after "$t1" "${wargs[@]}" \
     --clk-tck "$CLK_TCK" ${rss:+--primary-rss-kib "$rss"} --out "$ROWS" || return 1
+}
+
+# Appends a row that says why policy $1 did not run in round $2 (one per workload).
+skip_row() {
+  local name=$1 round=$2 reason=$3 w
+  for w in "${WORKLOAD_LIST[@]}"; do
+    "$PY" -c 'import json,sys
+p, w, r, why, out = sys.argv[1:]
+open(out, "a").write(json.dumps({"policy": p, "workload": w, "round": int(r), "skipped": why}) + "\n")' \
+      "$name" "$w" "$round" "$reason" "$ROWS"
+  done
 }
 
 # Loads scripts/accept_floor.c (a bare accept4+close loop) like connection-per-request and
@@ -446,8 +514,15 @@ for ((round = 1; round <= REPEAT; round++)); do
     if [[ $name == node-* || $name == roundhouse-node-* ]] && ((!HAVE_NODE)); then
       continue
     fi
+    SKIP_REASON=
     if ! start_server "$name"; then
-      FAILED+=("$name (round $round): server did not start (see logs/$name.log)")
+      if [[ -n $SKIP_REASON ]]; then
+        log "$name skipped: $SKIP_REASON"
+        ((round > 1)) || SKIPPED+=("$name: $SKIP_REASON")
+        skip_row "$name" "$round" "$SKIP_REASON"
+      else
+        FAILED+=("$name (round $round): server did not start (see logs/$name.log)")
+      fi
       continue
     fi
     for workload in "${WORKLOAD_LIST[@]}"; do
@@ -529,4 +604,4 @@ if ((${#FAILED[@]})); then
   printf '  %s\n' "${FAILED[@]}" >&2
   exit 1
 fi
-log "done: $OUT/results.json, results.md$( ((CHART)) && echo ', shares.png, shares.svg')"
+log "done: $OUT/results.json, results.md$( ((CHART)) && echo ', shares.png, shares.svg, fairness-cost.png, fairness-cost.svg')"

@@ -6,13 +6,14 @@ Subcommands (bench.sh drives them; each can be run by hand on the files under ta
   http METHOD URL                 print the body of an HTTP request (no curl needed)
   parse-wrk FILE                  print what was parsed from one wrk --latency output, as JSON
   row --policy P --workload W [--round N] --wrk FILE --stats FILE [--cpu-ticks-before N
-      --cpu-ticks-after N --clk-tck N] [--primary-rss-kib N] [--worker-rss-kib LIST]
+      --cpu-ticks-after N [--worker-cpu-ticks-before N --worker-cpu-ticks-after N] --clk-tck N]
+      [--primary-rss-kib N] [--worker-rss-kib LIST]
       --out ROWS.jsonl            append one result row (JSON line) to ROWS.jsonl
   report --rows ROWS.jsonl|--results results.json [--meta meta.json] --out DIR [--no-chart]
                                   write DIR/results.json, DIR/results.md and, when matplotlib
-                                  imports, DIR/shares.png and DIR/shares.svg; rows repeated by
-                                  --repeat are merged (medians, summed counts) and the
-                                  per-round rows kept in DIR/runs.json
+                                  imports, DIR/shares.{png,svg} and DIR/fairness-cost.{png,svg};
+                                  rows repeated by --repeat are merged (medians, summed counts)
+                                  and the per-round rows kept in DIR/runs.json
 
 Only `report` needs matplotlib (for the chart); everything else is the standard library, so the
 script works with any python3 and degrades to "no chart" rather than failing a benchmark run.
@@ -24,7 +25,12 @@ A row is:
   runs and rps_runs (results.json: rounds merged into the row and each round's req/s),
   connections (handed/accepted during the measurement), primary_cpu_ms,
   primary_cpu_us_per_conn (null when not measurable: fewer than MIN_CONNS_FOR_CPU connections),
-  primary_rss_kib, worker_rss_kib (list), workers (the raw per-worker counts)
+  workers_cpu_ms (all workers together; null when not measured or a worker exited meanwhile),
+  primary_cpu_us_per_req, workers_cpu_us_per_req, server_cpu_us_per_req (CPU ÷ the requests wrk
+  completed; server = primary + workers, null when either part is), jain_runs (each round's
+  Jain, results.json), primary_rss_kib, worker_rss_kib (list), workers (the raw per-worker counts)
+
+A row that did not run (reuseport-rr without CAP_BPF) is {policy, workload, round, skipped: why}.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ POLICY_ORDER = [
     "least-conn",
     "none",
     "reuseport",
+    "reuseport-rr",
     "node-rr",
     "node-none",
     "roundhouse-node-rr",
@@ -179,6 +186,10 @@ def build_row(args) -> dict:
         "served_requests": sum(reqs),
         "primary_cpu_ms": None,
         "primary_cpu_us_per_conn": None,
+        "workers_cpu_ms": None,
+        "primary_cpu_us_per_req": None,
+        "workers_cpu_us_per_req": None,
+        "server_cpu_us_per_req": None,
         "primary_rss_kib": args.primary_rss_kib,
         "worker_rss_kib": [int(x) for x in args.worker_rss_kib.split(",") if x]
         if args.worker_rss_kib
@@ -199,7 +210,26 @@ def build_row(args) -> dict:
         row["primary_cpu_ms"] = round(cpu_ms, 1)
         if row["connections"] >= MIN_CONNS_FOR_CPU:
             row["primary_cpu_us_per_conn"] = round(cpu_ms * 1000.0 / row["connections"], 2)
+    wb = getattr(args, "worker_cpu_ticks_before", None)
+    wa = getattr(args, "worker_cpu_ticks_after", None)
+    if wb is not None and wa is not None:
+        row["workers_cpu_ms"] = round((wa - wb) * 1000.0 / args.clk_tck, 1)
+    row.update(cpu_per_request(row["primary_cpu_ms"], row["workers_cpu_ms"], row["requests"]))
     return row
+
+
+def cpu_per_request(primary_ms, workers_ms, requests) -> dict:
+    """µs of CPU per request completed by wrk: primary, workers, and their sum (the server).
+
+    None where a part was not measured: the sum is only given when both parts are.
+    """
+    def per(ms):
+        return round(ms * 1000.0 / requests, 2) if ms is not None and requests else None
+
+    p, w = per(primary_ms), per(workers_ms)
+    total = per(primary_ms + workers_ms) if p is not None and w is not None else None
+    return {"primary_cpu_us_per_req": p, "workers_cpu_us_per_req": w,
+            "server_cpu_us_per_req": total}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,12 +286,16 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
     lines += [
         "Shares are each worker's fraction of the connections it was handed (worker 1 first);",
         "Jain, max/min and CV are over those counts. Request shares are the same over requests",
-        "served. Primary CPU is the primary process's user+system time during the measurement",
-        f"divided by connections (shown only with ≥ {MIN_CONNS_FOR_CPU} connections).",
+        "served. Primary µs/conn is the primary process's user+system time during the measurement",
+        f"divided by connections (shown only with ≥ {MIN_CONNS_FOR_CPU} connections). CPU µs/req is",
+        "user+system time during the measurement divided by the requests wrk completed, for the",
+        "primary, for all workers together (their pids as /stats listed them), and for the server",
+        "(both).",
         "",
     ]
     workloads = _order({r["workload"] for r in rows}, WORKLOAD_ORDER)
     repeated = any((r.get("runs") or 1) > 1 for r in rows)
+    lines += render_comparison(rows, workloads)
     if repeated:
         lines += [
             "Each cell ran several rounds (all policies once per round, interleaved): req/s and",
@@ -276,18 +310,25 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
             "| policy | req/s |"
             + (" req/s range (runs) |" if repeated else "")
             + " p50 ms | p99 ms | conn shares % | Jain | max/min | CV "
-            "| req shares % | req Jain | primary µs/conn | errors |"
+            "| req shares % | req Jain | primary µs/conn "
+            "| CPU µs/req primary | CPU µs/req workers | CPU µs/req server | errors |"
         )
-        lines.append("|---|--:|" + ("--:|" if repeated else "") + "--:|--:|---|--:|--:|--:|---|--:|--:|--:|")
+        lines.append(
+            "|---|--:|" + ("--:|" if repeated else "")
+            + "--:|--:|---|--:|--:|--:|---|--:|--:|--:|--:|--:|--:|"
+        )
         wl_rows = [r for r in rows if r["workload"] == wl]
         for r in sorted(wl_rows, key=lambda r: _order_key(r["policy"])):
+            if r.get("skipped"):
+                lines.append(f"| {r['policy']} | skipped: {_md_escape(r['skipped'])} |")
+                continue
             rng = ""
             if repeated:
                 runs = r.get("rps_runs") or [r.get("rps")]
                 rng = " {:,.0f}–{:,.0f} ({}) |".format(min(runs), max(runs), len(runs))
             lines.append(
                 "| {policy} | {rps} |{rng} {p50} | {p99} | {sh} | {jain} | {mm} | {cv} | {rsh} | {rj} "
-                "| {cpu} | {err} |".format(
+                "| {cpu} | {pcpu} | {wcpu} | {scpu} | {err} |".format(
                     policy=r["policy"],
                     rps=_fmt(r.get("rps"), "{:,.0f}"),
                     rng=rng,
@@ -300,12 +341,86 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
                     rsh=_shares_text(r.get("request_shares")),
                     rj=_fmt(r.get("request_jain"), "{:.4f}"),
                     cpu=_fmt(r.get("primary_cpu_us_per_conn"), "{:.1f}"),
+                    pcpu=_fmt(r.get("primary_cpu_us_per_req"), "{:.1f}"),
+                    wcpu=_fmt(r.get("workers_cpu_us_per_req"), "{:.1f}"),
+                    scpu=_fmt(r.get("server_cpu_us_per_req"), "{:.1f}"),
                     err=r.get("errors", "–"),
                 )
             )
         lines.append("")
     lines += render_targets(rows, meta)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _md_escape(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+# The policies the headline comparison is about (issue 15), in this order; the baseline for the
+# ratios is `reuseport`: the kernel's hash, no handoff, no program.
+COMPARISON_POLICIES = ["rr", "reuseport", "reuseport-rr", "none", "node-rr", "node-none"]
+COMPARISON_BASE = "reuseport"
+
+
+def _worst_jain(r):
+    js = [j for j in (r.get("jain_runs") or []) if j is not None]
+    return min(js) if js else r.get("jain")
+
+
+def render_comparison(rows, workloads):
+    """One table per workload: fairness and cost of each policy, as ratios to `reuseport`."""
+    present = {r["policy"] for r in rows}
+    policies = [p for p in COMPARISON_POLICIES if p in present]
+    if len(policies) < 2:
+        return []
+    out = [
+        "## Comparison: fairness and cost",
+        "",
+        f"Ratios are to `{COMPARISON_BASE}` in the same workload of this run. Jain is over the",
+        "connections summed across rounds; \"worst round\" is the lowest Jain of a single round.",
+        "",
+    ]
+    for wl in workloads:
+        by = {r["policy"]: r for r in rows if r["workload"] == wl}
+        base = by.get(COMPARISON_BASE)
+        if base and base.get("skipped"):
+            base = None
+        out += [
+            f"### {WORKLOAD_TITLES.get(wl, wl).split(' (')[0]}",
+            "",
+            "| policy | Jain | worst round | max/min | req/s | req/s ÷ reuseport "
+            "| CPU µs/req primary | workers | server | server CPU ÷ reuseport |",
+            "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        ]
+        for p in policies:
+            r = by.get(p)
+            if r is None:
+                continue
+            if r.get("skipped"):
+                out.append(f"| {p} | skipped: {_md_escape(r['skipped'])} |")
+                continue
+
+            def rel(key):
+                if not base or not base.get(key) or r.get(key) is None:
+                    return None
+                return r[key] / base[key]
+
+            out.append(
+                "| {p} | {j} | {wj} | {mm} | {rps} | {rr} | {pc} | {wc} | {sc} | {sr} |".format(
+                    p=p,
+                    j=_fmt(r.get("jain"), "{:.4f}"),
+                    wj=_fmt(_worst_jain(r), "{:.4f}"),
+                    mm=_fmt(r.get("max_min"), "{:.3f}"),
+                    rps=_fmt(r.get("rps"), "{:,.0f}"),
+                    rr=_fmt(rel("rps")),
+                    pc=_fmt(r.get("primary_cpu_us_per_req"), "{:.1f}"),
+                    wc=_fmt(r.get("workers_cpu_us_per_req"), "{:.1f}"),
+                    sc=_fmt(r.get("server_cpu_us_per_req"), "{:.1f}"),
+                    sr=_fmt(rel("server_cpu_us_per_req")),
+                )
+            )
+        out.append("")
+    return out
 
 
 def _workload_key(workload):
@@ -328,6 +443,37 @@ def render_targets(rows, meta=None):
             return
         verdict = "–" if ok is None else ("met" if ok(value) else "not met")
         checks.append((name, fmt.format(value), target, verdict))
+
+    # Issue 15: reuseport-rr must cost what reuseport costs and be as fair as rr.
+    add(
+        "reuseport-rr / reuseport req/s, connection per request (#15)",
+        ratio(rows, "conn-per-request", "reuseport-rr", "reuseport"),
+        "≥ 0.97",
+        lambda v: v >= 0.97,
+    )
+    add(
+        "reuseport-rr / reuseport server CPU per request, connection per request (#15)",
+        ratio(rows, "conn-per-request", "reuseport-rr", "reuseport", key="server_cpu_us_per_req"),
+        "≤ 1.05",
+        lambda v: v <= 1.05,
+    )
+    rrr = [r for r in rows if r["policy"] == "reuseport-rr" and _worst_jain(r) is not None]
+    if rrr:
+        worst = min(rrr, key=_worst_jain)
+        add(
+            f"reuseport-rr Jain, worst workload and round ({worst['workload']}) (#15)",
+            _worst_jain(worst),
+            "≥ 0.9999",
+            lambda v: v >= 0.9999,
+            "{:.4f}",
+        )
+    # Issue 18: the handoff's cost, as server CPU per request.
+    add(
+        "rr / reuseport server CPU per request, connection per request (#18)",
+        ratio(rows, "conn-per-request", "rr", "reuseport", key="server_cpu_us_per_req"),
+        "≤ 1.15",
+        lambda v: v <= 1.15,
+    )
 
     add(
         "rr / reuseport req/s, connection per request",
@@ -418,6 +564,7 @@ def render_chart(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [r for r in rows if not r.get("skipped")]
     workloads = _order({r["workload"] for r in rows}, WORKLOAD_ORDER)
     metrics = [("shares", "connections handed"), ("request_shares", "requests served")]
     fig, axes = plt.subplots(
@@ -494,6 +641,140 @@ def render_chart(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+# Jain's index is plotted on a "nines" scale, -log10(1 - J): 0.9 -> 1, 0.99 -> 2, 0.9999 -> 4. The
+# index is rounded to 6 decimals, so 1 - J below 1e-6 (an exact split) sits on the top line.
+NINES_TOP = 6.0
+
+
+def nines(jain):
+    """Jain's index -> -log10(1 - J), capped at NINES_TOP (exact splits)."""
+    if jain is None:
+        return None
+    return min(NINES_TOP, -math.log10(max(1.0 - jain, 10 ** -NINES_TOP)))
+
+
+# One colour and marker per policy in the fairness/cost chart: circles hand off through a
+# primary, squares are chosen by the kernel, triangles are Node's cluster.
+POLICY_STYLE = {
+    "rr": ("tab:blue", "o"),
+    "least-conn": ("tab:cyan", "o"),
+    "none": ("tab:grey", "s"),
+    "reuseport": ("tab:orange", "s"),
+    "reuseport-rr": ("tab:red", "s"),
+    "node-rr": ("tab:green", "^"),
+    "node-none": ("tab:olive", "^"),
+    "roundhouse-node-rr": ("tab:purple", "o"),
+}
+
+
+def fairness_cost_points(rows):
+    """(workload, policy, cpu µs/req, nines of the worst round's Jain) for the chart.
+
+    The worst round is what a reader should trust: merged counts can hide rounds that were unfair
+    in opposite directions. Rows without a server CPU figure or a Jain are left out.
+    """
+    pts = []
+    for r in rows:
+        if r.get("skipped"):
+            continue
+        cpu, j = r.get("server_cpu_us_per_req"), _worst_jain(r)
+        if cpu is None or j is None:
+            continue
+        pts.append((r["workload"], r["policy"], cpu, nines(j)))
+    return pts
+
+
+def _place_labels(fig, ax, points, fontsize=7.5):
+    """Labels each (text, x, y) point beside it, trying a few offsets in turn and taking the first
+    whose box (estimated from the text length) overlaps no label or point placed so far, so that
+    policies at the same place stay readable."""
+    scale = fig.dpi / 72.0  # points -> pixels
+    char_w, line_h = fontsize * 0.55 * scale, fontsize * 1.25 * scale
+    xy = [tuple(ax.transData.transform((x, y))) for _, x, y in points]
+    taken = [(px - 4 * scale, py - 4 * scale, px + 4 * scale, py + 4 * scale) for px, py in xy]
+    offsets = [(6, 3), (6, -11), (-6, 3), (-6, -11), (6, 13), (-6, 13), (6, -21), (-6, -21),
+               (6, 23), (-6, 23), (6, -31), (-6, -31)]
+    for (text, x, y), (px, py) in zip(points, xy):
+        w = len(text) * char_w
+        choice = offsets[0]
+        for dx, dy in offsets:
+            x0 = px + dx * scale if dx > 0 else px + dx * scale - w
+            y0 = py + dy * scale
+            box = (x0, y0, x0 + w, y0 + line_h)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3]
+                       for b in taken):
+                choice = (dx, dy)
+                taken.append(box)
+                break
+        else:
+            x0 = px + choice[0] * scale
+            taken.append((x0, py + choice[1] * scale, x0 + w, py + choice[1] * scale + line_h))
+        colour = POLICY_STYLE.get(text, ("black", "x"))[0]
+        ax.annotate(text, (x, y), xytext=choice, textcoords="offset points", fontsize=fontsize,
+                    color=colour, ha="left" if choice[0] > 0 else "right", va="bottom")
+
+
+def render_fairness_cost(rows: list[dict], meta: dict, out_dir: Path) -> list[Path]:
+    """fairness-cost.{png,svg}: one panel per workload, one point per policy, Jain (worst round,
+    nines scale, up is fairer) against server CPU per request (left is cheaper)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = fairness_cost_points(rows)
+    workloads = _order({p[0] for p in pts}, WORKLOAD_ORDER)
+    if not workloads:
+        return []
+    fig, axes = plt.subplots(
+        1, len(workloads), figsize=(4.6 * len(workloads) + 0.6, 4.4), squeeze=False
+    )
+    for col, wl in enumerate(workloads):
+        ax = axes[0][col]
+        wl_pts = sorted((p for p in pts if p[0] == wl), key=lambda p: _order_key(p[1]))
+        xs = [p[2] for p in wl_pts]
+        lo, hi = min(xs), max(xs)
+        pad = max((hi - lo) * 0.15, hi * 0.05, 1.0)
+        ax.set_xlim(max(0.0, lo - pad), hi + pad * 2.2)
+        y_lo = min(0.5, min(p[3] for p in wl_pts) - 0.4)
+        ax.set_ylim(y_lo, NINES_TOP + 0.9)
+        ax.axhline(4.0, color="grey", linewidth=0.8, linestyle="--")
+        ax.text(ax.get_xlim()[1], 4.0, "0.9999 ", ha="right", va="bottom", fontsize=7,
+                color="grey")
+        ticks = [t for t in range(0, int(NINES_TOP) + 1) if t >= y_lo]
+        labels = {0: "0", 1: "0.9", 2: "0.99", 3: "0.999", 4: "0.9999", 5: "0.99999", 6: "exact"}
+        ax.set_yticks(ticks)
+        ax.set_yticklabels([labels[t] for t in ticks], fontsize=8)
+        for _, policy, x, y in wl_pts:
+            colour, marker = POLICY_STYLE.get(policy, ("black", "x"))
+            ax.scatter([x], [y], color=colour, marker=marker, s=46, zorder=3)
+        _place_labels(fig, ax, [(policy, x, y) for _, policy, x, y in wl_pts])
+        ax.set_title(WORKLOAD_TITLES.get(wl, wl).split(" (")[0], fontsize=10)
+        ax.set_xlabel("server CPU µs per request, primary + workers (left: cheaper)", fontsize=8)
+        if col == 0:
+            ax.set_ylabel("Jain's index, worst round (up: fairer)")
+        ax.grid(linewidth=0.3)
+    subtitle = ""
+    if meta:
+        subtitle = (
+            f" — {meta.get('workers', '?')} workers"
+            + (f", {meta['repeat']} rounds" if (meta.get("repeat") or 1) > 1 else "")
+            + (" (quick)" if meta.get("quick") else "")
+        )
+    fig.suptitle(
+        f"Fairness against cost, per policy{subtitle}: fair and cheap is top left",
+        fontsize=11, x=0.02, ha="left",
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    paths = []
+    for ext in ("png", "svg"):
+        p = out_dir / f"fairness-cost.{ext}"
+        fig.savefig(p, dpi=120)
+        paths.append(p)
+    plt.close(fig)
+    return paths
+
+
 def _median(xs):
     xs = sorted(x for x in xs if x is not None)
     if not xs:
@@ -506,17 +787,27 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """Merges the rounds of `--repeat` into one row per policy × workload.
 
     Throughput and latency are the median over rounds (`rps_runs` keeps every round's req/s);
-    shares and fairness are recomputed over the per-worker counts summed across rounds; primary
-    CPU per connection is total CPU over total connections; memory is the largest seen. A single
-    round passes through unchanged apart from `runs` and `rps_runs`.
+    shares and fairness are recomputed over the per-worker counts summed across rounds, and
+    `jain_runs` keeps each round's own Jain; CPU per connection and per request is total CPU over
+    the total count (null when a round lacks the figure); memory is the largest seen. A single
+    round passes through unchanged apart from `runs`, `rps_runs` and `jain_runs`. Skipped rounds
+    (`skipped`) are dropped when another round of the same cell ran; a cell skipped in every round
+    stays one skipped row.
     """
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["policy"], r["workload"]), []).append(r)
     out = []
     for (policy, workload), rs in groups.items():
+        ran = [r for r in rs if not r.get("skipped")]
+        if not ran:
+            out.append({"policy": policy, "workload": workload, "skipped": rs[0]["skipped"],
+                        "runs": 0})
+            continue
+        rs = ran
         if len(rs) == 1:
-            out.append({**rs[0], "runs": 1, "rps_runs": [rs[0]["rps"]]})
+            out.append({**rs[0], "runs": 1, "rps_runs": [rs[0]["rps"]],
+                        "jain_runs": [rs[0].get("jain")]})
             continue
         by_id: dict = {}
         for r in rs:
@@ -531,6 +822,9 @@ def aggregate(rows: list[dict]) -> list[dict]:
         conns = sum(w["connections_total"] for w in workers)
         cpu = [r["primary_cpu_ms"] for r in rs if r.get("primary_cpu_ms") is not None]
         cpu_ms = sum(cpu) if len(cpu) == len(rs) else None
+        wcpu = [r["workers_cpu_ms"] for r in rs if r.get("workers_cpu_ms") is not None]
+        wcpu_ms = sum(wcpu) if len(wcpu) == len(rs) else None
+        requests = sum(r["requests"] for r in rs)
         detail: dict = {}
         for r in rs:
             for k, v in (r.get("error_detail") or {}).items():
@@ -542,7 +836,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "rps": _median([r["rps"] for r in rs]),
             "p50_ms": _median([r.get("p50_ms") for r in rs]),
             "p99_ms": _median([r.get("p99_ms") for r in rs]),
-            "requests": sum(r["requests"] for r in rs),
+            "requests": requests,
             "errors": sum(r["errors"] for r in rs),
             "error_detail": detail,
             "shares": f["shares"],
@@ -557,11 +851,14 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "primary_cpu_us_per_conn": round(cpu_ms * 1000.0 / conns, 2)
             if cpu_ms is not None and conns >= MIN_CONNS_FOR_CPU * len(rs)
             else None,
+            "workers_cpu_ms": round(wcpu_ms, 1) if wcpu_ms is not None else None,
+            **cpu_per_request(cpu_ms, wcpu_ms, requests),
             "primary_rss_kib": max(rss) if rss else None,
             "worker_rss_kib": rs[-1].get("worker_rss_kib"),
             "workers": workers,
             "runs": len(rs),
             "rps_runs": [r["rps"] for r in rs],
+            "jain_runs": [r.get("jain") for r in rs],
         })
     return out
 
@@ -589,6 +886,7 @@ def cmd_report(args) -> int:
         return 0
     try:
         paths = render_chart(rows, meta, out_dir)
+        paths += render_fairness_cost(rows, meta, out_dir)
     except ImportError as e:
         print(f"no chart: matplotlib is not importable ({e})", file=sys.stderr)
         return 0 if args.chart_optional else 1
@@ -624,6 +922,8 @@ def main(argv=None) -> int:
     r.add_argument("--stats", required=True)
     r.add_argument("--cpu-ticks-before", type=int)
     r.add_argument("--cpu-ticks-after", type=int)
+    r.add_argument("--worker-cpu-ticks-before", type=int, help="sum over the worker pids")
+    r.add_argument("--worker-cpu-ticks-after", type=int)
     r.add_argument("--clk-tck", type=int, default=100)
     r.add_argument("--primary-rss-kib", type=int)
     r.add_argument("--worker-rss-kib", help="comma-separated KiB, overrides /stats rss_bytes")

@@ -205,5 +205,162 @@ class Aggregate(unittest.TestCase):
         self.assertEqual((m["runs"], m["rps_runs"], m["rps"]), (1, [1000.0], 1000.0))
 
 
+class CpuSplit(unittest.TestCase):
+    """Server CPU per request, split into primary and workers (issue 18), and the skipped
+    reuseport-rr row (issue 15)."""
+
+    def write_cell(self, d, policy, counts, ticks, worker_ticks, rows):
+        (d / "wrk.txt").write_text(WRK_ERRORS)  # 39830 requests
+        (d / f"{policy}.stats.json").write_text(json.dumps({"workers": [
+            {"id": i + 1, "pid": 100 + i, "connections_total": c, "requests_total": c}
+            for i, c in enumerate(counts)
+        ]}))
+        args = [
+            "row", "--policy", policy, "--workload", "conn-per-request",
+            "--wrk", str(d / "wrk.txt"), "--stats", str(d / f"{policy}.stats.json"),
+            "--cpu-ticks-before", "0", "--cpu-ticks-after", str(ticks), "--clk-tck", "100",
+            "--out", str(rows),
+        ]
+        if worker_ticks is not None:
+            args += ["--worker-cpu-ticks-before", "1000",
+                     "--worker-cpu-ticks-after", str(1000 + worker_ticks)]
+        br.main(args)
+
+    def test_row_splits_cpu_per_request(self):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            rows = d / "rows.jsonl"
+            # primary 0.3 s, workers 2.1 s over wrk's 39830 requests
+            self.write_cell(d, "rr", [19915, 19915], 30, 210, rows)
+            row = json.loads(rows.read_text())
+            self.assertEqual(row["workers_cpu_ms"], 2100.0)
+            self.assertAlmostEqual(row["primary_cpu_us_per_req"], 300_000 / 39830, places=2)
+            self.assertAlmostEqual(row["workers_cpu_us_per_req"], 2_100_000 / 39830, places=2)
+            self.assertAlmostEqual(row["server_cpu_us_per_req"], 2_400_000 / 39830, places=2)
+
+    def test_unmeasured_workers_are_null_not_zero(self):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            rows = d / "rows.jsonl"
+            self.write_cell(d, "rr", [19915, 19915], 30, None, rows)
+            row = json.loads(rows.read_text())
+            self.assertIsNone(row["workers_cpu_ms"])
+            self.assertIsNone(row["workers_cpu_us_per_req"])
+            self.assertIsNone(row["server_cpu_us_per_req"])
+            self.assertIsNotNone(row["primary_cpu_us_per_req"])
+
+    def test_cpu_per_request(self):
+        self.assertEqual(br.cpu_per_request(10.0, 90.0, 1000), {
+            "primary_cpu_us_per_req": 10.0, "workers_cpu_us_per_req": 90.0,
+            "server_cpu_us_per_req": 100.0})
+        self.assertIsNone(br.cpu_per_request(10.0, 90.0, 0)["server_cpu_us_per_req"])
+
+    def test_report_compares_and_checks_reuseport_rr(self):
+        with tempfile.TemporaryDirectory() as d:
+            d = Path(d)
+            rows = d / "rows.jsonl"
+            self.write_cell(d, "reuseport", [20100, 19730], 0, 240, rows)
+            self.write_cell(d, "reuseport-rr", [19915, 19915], 0, 246, rows)
+            self.write_cell(d, "rr", [19915, 19915], 60, 240, rows)
+            with open(rows, "a") as f:
+                f.write(json.dumps({"policy": "node-rr", "workload": "conn-per-request",
+                                    "round": 1, "skipped": "node | not installed"}) + "\n")
+            out = d / "out"
+            br.main(["report", "--rows", str(rows), "--out", str(out), "--no-chart"])
+            md = (out / "results.md").read_text()
+            self.assertIn("## Comparison: fairness and cost", md)
+            # reuseport-rr: same req/s, 246/240 of reuseport's CPU, exact split.
+            self.assertIn("| reuseport-rr | 1.0000 | 1.0000 | 1.000 | 3,983 | 1.00 | 0.0 | 61.8 "
+                          "| 61.8 | 1.02 |", md)
+            self.assertIn("reuseport-rr / reuseport req/s, connection per request (#15) | 1.00 "
+                          "| ≥ 0.97 | met |", md)
+            self.assertIn("reuseport-rr / reuseport server CPU per request, connection per "
+                          "request (#15) | 1.02 | ≤ 1.05 | met |", md)
+            self.assertIn("reuseport-rr Jain, worst workload and round (conn-per-request) (#15) "
+                          "| 1.0000 | ≥ 0.9999 | met |", md)
+            # rr: (0.6 + 2.4) s vs 2.4 s -> 1.25, over issue 18's 1.15.
+            self.assertIn("rr / reuseport server CPU per request, connection per request (#18) "
+                          "| 1.25 | ≤ 1.15 | not met |", md)
+            # The skipped row says why, with the pipe escaped so the table holds.
+            self.assertIn("| node-rr | skipped: node \\| not installed |", md)
+            self.assertIn("CPU µs/req server", md)
+            results = json.loads((out / "results.json").read_text())
+            skipped = [r for r in results if r.get("skipped")]
+            self.assertEqual([r["policy"] for r in skipped], ["node-rr"])
+
+    def test_aggregate_cpu_and_skips(self):
+        def row(rnd, jain_counts, pcpu, wcpu, requests=1000):
+            return {
+                "policy": "reuseport-rr", "workload": "conn-per-request", "round": rnd,
+                "rps": 100.0 * rnd, "requests": requests, "errors": 0,
+                "primary_cpu_ms": pcpu, "workers_cpu_ms": wcpu, "jain": br.fairness(jain_counts)["jain"],
+                "workers": [{"id": i + 1, "connections_total": c, "requests_total": c}
+                            for i, c in enumerate(jain_counts)],
+            }
+        skip = {"policy": "reuseport-rr", "workload": "conn-per-request", "round": 3,
+                "skipped": "needs CAP_BPF"}
+        (m,) = br.aggregate([row(1, [600, 400], 1.0, 50.0), row(2, [400, 600], 3.0, 70.0), skip])
+        self.assertEqual(m["runs"], 2)
+        # Summed counts are exactly fair, but each round was 60/40: the worst round says so.
+        self.assertEqual(m["jain"], 1.0)
+        self.assertAlmostEqual(br._worst_jain(m), br.fairness([600, 400])["jain"])
+        self.assertEqual(m["workers_cpu_ms"], 120.0)
+        self.assertEqual(m["primary_cpu_us_per_req"], 2.0)
+        self.assertEqual(m["workers_cpu_us_per_req"], 60.0)
+        self.assertEqual(m["server_cpu_us_per_req"], 62.0)
+        # A round without the workers' figure makes the merged figure unknown, not smaller.
+        (m,) = br.aggregate([row(1, [1, 1], 1.0, 50.0), row(2, [1, 1], 1.0, None)])
+        self.assertIsNone(m["workers_cpu_us_per_req"])
+        self.assertIsNone(m["server_cpu_us_per_req"])
+        # Skipped in every round: one skipped row.
+        (m,) = br.aggregate([skip, {**skip, "round": 1}])
+        self.assertEqual((m["skipped"], m["runs"]), ("needs CAP_BPF", 0))
+
+
+class FairnessCostChart(unittest.TestCase):
+    def test_nines(self):
+        self.assertAlmostEqual(br.nines(0.9), 1.0)
+        self.assertAlmostEqual(br.nines(0.9999), 4.0)
+        self.assertEqual(br.nines(1.0), br.NINES_TOP)
+        self.assertAlmostEqual(br.nines(0.5), -__import__("math").log10(0.5))
+        self.assertIsNone(br.nines(None))
+
+    def rows(self):
+        return [
+            {"policy": "rr", "workload": "conn-per-request", "jain": 1.0,
+             "jain_runs": [1.0, 0.9999], "server_cpu_us_per_req": 80.0},
+            {"policy": "reuseport", "workload": "conn-per-request", "jain": 0.999,
+             "server_cpu_us_per_req": 60.0},
+            {"policy": "none", "workload": "keep-alive", "jain": 0.5,
+             "server_cpu_us_per_req": None},
+            {"policy": "reuseport-rr", "workload": "conn-per-request", "skipped": "no CAP_BPF"},
+            {"policy": "node-rr", "workload": "keep-alive", "jain": 0.9,
+             "server_cpu_us_per_req": 12.0},
+        ]
+
+    def test_points(self):
+        pts = br.fairness_cost_points(self.rows())
+        # One point per row that has both figures; the worst round's Jain is what is plotted.
+        self.assertEqual(
+            [(w, p, c, round(y, 6)) for w, p, c, y in pts],
+            [("conn-per-request", "rr", 80.0, 4.0), ("conn-per-request", "reuseport", 60.0, 3.0),
+             ("keep-alive", "node-rr", 12.0, 1.0)],
+        )
+
+    def test_chart_files(self):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            self.skipTest("matplotlib is not importable: the chart is not drawn")
+        with tempfile.TemporaryDirectory() as d:
+            paths = br.render_fairness_cost(self.rows(), {"workers": 2}, Path(d))
+            self.assertEqual([p.name for p in paths], ["fairness-cost.png", "fairness-cost.svg"])
+            for p in paths:
+                self.assertGreater(p.stat().st_size, 1000)
+            svg = (Path(d) / "fairness-cost.svg").read_text()
+            for label in ("rr", "reuseport", "node-rr", "Keep-alive", "Connection per request"):
+                self.assertIn(label, svg)
+
+
 if __name__ == "__main__":
     unittest.main()
