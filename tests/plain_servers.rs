@@ -170,7 +170,14 @@ fn groups(p: &Primary, server: Server) -> BTreeMap<i32, Vec<i32>> {
 /// their process groups left (gunicorn's own workers included).
 fn life(server: Server, policy: &str) {
     let venv = require_venv!();
-    let p = start(&venv, server, policy, &["--ready-timeout", "1s"]);
+    let p = if policy == "reuseport-rr" {
+        match start_rr(&venv, server, &["--ready-timeout", "1s"]) {
+            Some(p) => p,
+            None => return,
+        }
+    } else {
+        start(&venv, server, policy, &["--ready-timeout", "1s"])
+    };
     p.wait_ready();
     let first = p.worker_pids();
     assert_eq!(first.len(), 2, "{first:?}");
@@ -222,11 +229,31 @@ fn life(server: Server, policy: &str) {
         report.failures.len(),
         reload_took.as_secs_f64()
     );
-    assert!(
-        report.failures.is_empty(),
-        "{server:?}/{policy}: failed requests during the reload: {:?}",
-        report.failures
-    );
+    if server == Server::Uvicorn && policy != "reuseport-rr" {
+        // uvicorn's own shutdown closes every connection whose request it has not parsed yet
+        // (`H11Protocol.shutdown`: `cycle is None` → `transport.close()`), so a connection it
+        // accepted in the last moment before SIGTERM is reset, its request unread. Under `none`
+        // and `reuseport` nothing stops the old process accepting until it gets SIGTERM, so
+        // roundhouse cannot prevent it (under `reuseport-rr` a draining worker gets no new
+        // connection, and there it must be 0). What is allowed is exactly that: a reset, at
+        // most one per client and drained worker (2 workers, 4 clients), nothing else.
+        let not_the_race: Vec<&String> = report
+            .failures
+            .iter()
+            .filter(|f| !f.contains("Connection reset by peer"))
+            .collect();
+        assert!(
+            not_the_race.is_empty() && report.failures.len() <= 2 * 4,
+            "{server:?}/{policy}: failed requests during the reload: {:?}",
+            report.failures
+        );
+    } else {
+        assert!(
+            report.failures.is_empty(),
+            "{server:?}/{policy}: failed requests during the reload: {:?}",
+            report.failures
+        );
+    }
     let second = p.worker_pids();
     for (id, pid) in &first {
         assert_ne!(second.get(id), Some(pid), "worker {id} was not replaced");
@@ -305,6 +332,11 @@ fn uvicorn_under_reuseport_stays_up_serves_reloads_and_stops_clean() {
 }
 
 #[test]
+fn uvicorn_under_reuseport_rr_stays_up_serves_reloads_and_stops_clean() {
+    life(Server::Uvicorn, "reuseport-rr");
+}
+
+#[test]
 fn gunicorn_under_none_stays_up_serves_reloads_and_stops_clean() {
     life(Server::Gunicorn, "none");
 }
@@ -312,6 +344,11 @@ fn gunicorn_under_none_stays_up_serves_reloads_and_stops_clean() {
 #[test]
 fn gunicorn_under_reuseport_stays_up_serves_reloads_and_stops_clean() {
     life(Server::Gunicorn, "reuseport");
+}
+
+#[test]
+fn gunicorn_under_reuseport_rr_stays_up_serves_reloads_and_stops_clean() {
+    life(Server::Gunicorn, "reuseport-rr");
 }
 
 /// The case the process group is for: gunicorn's master is killed when `--grace` runs out
@@ -369,8 +406,8 @@ fn gunicorns_own_workers_die_with_it_when_grace_runs_out() {
 }
 
 /// Starts a primary under reuseport-rr, or `None` (printed) where the kernel refuses BPF.
-fn start_rr(venv: &std::path::Path, server: Server) -> Option<Primary> {
-    let mut p = start(venv, server, "reuseport-rr", &[]);
+fn start_rr(venv: &std::path::Path, server: Server, extra: &[&str]) -> Option<Primary> {
+    let mut p = start(venv, server, "reuseport-rr", extra);
     let ready = wait_until(STARTUP, Duration::from_millis(20), || {
         p.count("ready workers=") > 0 || p.try_wait_exit(Duration::ZERO).is_some()
     });
@@ -392,7 +429,7 @@ fn start_rr(venv: &std::path::Path, server: Server) -> Option<Primary> {
 #[test]
 fn uvicorn_under_reuseport_rr_takes_exact_turns_and_the_kernel_counts_them() {
     let venv = require_venv!();
-    let Some(p) = start_rr(&venv, Server::Uvicorn) else {
+    let Some(p) = start_rr(&venv, Server::Uvicorn, &[]) else {
         return;
     };
     p.wait_ready();
@@ -428,7 +465,7 @@ fn spread_of_400_serial_connections() {
     for server in [Server::Uvicorn, Server::Gunicorn] {
         for policy in ["none", "reuseport", "reuseport-rr"] {
             let p = if policy == "reuseport-rr" {
-                match start_rr(&venv, server) {
+                match start_rr(&venv, server, &[]) {
                     Some(p) => p,
                     None => continue,
                 }
