@@ -446,6 +446,28 @@ fn gunicorns_own_workers_die_with_it_when_grace_runs_out() {
     );
 }
 
+/// Issue 14, item 4: `gunicorn --bind fd://3` takes fd 3 twice when `LISTEN_FDS` is announced too
+/// (`OSError: [Errno 9] Bad file descriptor`, a restart loop); with `LISTEN_FDS` hidden by
+/// `env -u`, the command line users keep in their configuration serves, and nothing restarts.
+#[test]
+fn gunicorn_with_bind_fd_3_serves_when_listen_fds_is_hidden() {
+    let venv = require_venv!();
+    let mut cmd: Vec<String> = vec!["env".into(), "-u".into(), "LISTEN_FDS".into()];
+    cmd.extend(Server::Gunicorn.cmd(&venv));
+    cmd.insert(cmd.len() - 1, "--bind".into());
+    cmd.insert(cmd.len() - 1, "fd://3".into());
+    let p = Primary::builder()
+        .workers(2)
+        .args(&["--plain", "--policy", "reuseport"])
+        .cmd(&cmd)
+        .start();
+    p.wait_ready();
+    let seen = serve_until(&p, STARTUP, |seen| ids(seen).len() == 2);
+    assert_eq!(ids(&seen), BTreeSet::from([1, 2]), "{seen:?}");
+    assert_eq!(p.count("Bad file descriptor"), 0, "{}", p.log());
+    assert_eq!(p.count("worker exited"), 0, "{}", p.log());
+}
+
 /// Starts a primary under reuseport-rr, or `None` (printed) where the kernel refuses BPF.
 fn start_rr(venv: &std::path::Path, server: Server, extra: &[&str]) -> Option<Primary> {
     let mut p = start(venv, server, "reuseport-rr", extra);
