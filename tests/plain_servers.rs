@@ -259,12 +259,22 @@ fn life(server: Server, policy: &str) {
         // and `reuseport` nothing stops the old process accepting until it gets SIGTERM; under
         // `reuseport-rr` a draining worker gets no new connection, but one already queued on
         // its listener can still be taken just before SIGTERM (rarer: 1 in ~10 reloads here,
-        // against 3 in 8 under `none`). What is allowed is exactly that: a reset, at
+        // against 3 in 8 under `none`). What is allowed is exactly that: a closed connection, at
         // most one per client and drained worker (2 workers, 4 clients), nothing else.
         let not_the_race: Vec<&String> = report
             .failures
             .iter()
-            .filter(|f| !f.contains("Connection reset by peer"))
+            .filter(|f| {
+                // Reset with the request unread; or closed (or reset) before the client even
+                // wrote it, when the client thread was slower than uvicorn's close.
+                ![
+                    "Connection reset by peer",
+                    "connection closed before",
+                    "Broken pipe",
+                ]
+                .iter()
+                .any(|race| f.contains(race))
+            })
             .collect();
         assert!(
             not_the_race.is_empty() && report.failures.len() <= 2 * 4,
