@@ -14,6 +14,10 @@
 //!   `docs/plain.md`). `--no-control-socket` keeps two gunicorn masters from fighting over one
 //!   `~/.gunicorn/gunicorn.ctl`.
 //!
+//! uvicorn resets a connection it accepted just before its `SIGTERM` (its own shutdown closes
+//! connections whose request it has not parsed): the uvicorn reload tests allow exactly that and
+//! nothing else; gunicorn's must see 0 failed requests.
+//!
 //! Lines starting with `FIGURE` are the measurements quoted in `docs/plain.md`.
 
 mod common;
@@ -183,9 +187,10 @@ fn groups(p: &Primary, server: Server) -> BTreeMap<i32, Vec<i32>> {
 }
 
 /// The whole life of two plain workers of a real server: online at `execve` and still up past
-/// `--ready-timeout`, serving (from both workers under `reuseport`), reloaded under
-/// connection-per-request load with no failed request and new pids, and stopped with nothing of
-/// their process groups left (gunicorn's own workers included).
+/// `--ready-timeout`, serving (from both workers under `reuseport` and `reuseport-rr`), reloaded
+/// under connection-per-request load with no failed request (uvicorn: none but the ones its own
+/// shutdown closes, see below) and new pids, and stopped with nothing of their process groups
+/// left (gunicorn's own workers included).
 fn life(server: Server, policy: &str) {
     let venv = require_venv!();
     let p = if policy == "reuseport-rr" {
