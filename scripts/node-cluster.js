@@ -356,10 +356,12 @@ function runPrimary(opts) {
   process.on('SIGINT', () => stop('SIGINT'));
 }
 
-if (cluster.isPrimary) {
-  const opts = parseArgs(process.argv.slice(2));
-  if (opts.standalone) runStandalone(opts);
-  else runPrimary(opts);
+// `--standalone` first: under `roundhouse run --node` this process is a cluster worker too
+// (cluster.isPrimary is false there, roundhouse being the primary), and it must stay standalone.
+if (process.argv.includes('--standalone')) {
+  runStandalone(parseArgs(process.argv.slice(2)));
+} else if (cluster.isPrimary) {
+  runPrimary(parseArgs(process.argv.slice(2)));
 } else {
   runWorker();
 }

@@ -252,7 +252,10 @@ fn render_status(stats: &StatsSnapshot) -> String {
             [
                 w.id.to_string(),
                 w.pid.map_or_else(|| "-".to_string(), |p| p.to_string()),
-                w.state.to_string(),
+                match &w.backoff {
+                    Some(b) => format!("backoff {:.1}s", b.next_attempt_in_s),
+                    None => w.state.to_string(),
+                },
                 known(w.connections_total),
                 known(w.connections_active),
                 known(w.requests_total),
@@ -307,6 +310,18 @@ fn render_status(stats: &StatsSnapshot) -> String {
         known(t.requests_total),
         t.connections_lost
     );
+    if stats.workers.iter().any(|w| w.keys.is_some()) {
+        let keys: Vec<String> = stats
+            .workers
+            .iter()
+            .map(|w| format!("{}:{}", w.id, known(w.keys)))
+            .collect();
+        let _ = writeln!(
+            out,
+            "sticky keys per worker (estimated): {}",
+            keys.join("  ")
+        );
+    }
     match &stats.fairness {
         Some(f) => {
             let _ = writeln!(
@@ -350,6 +365,8 @@ mod tests {
             connections_total: Some(conns),
             connections_active: Some(1),
             requests_total: Some(conns * 2),
+            backoff: None,
+            keys: None,
             connections_lost: 0,
             restarts: u64::from(id == 2),
             rss_bytes: rss,

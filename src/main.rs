@@ -80,7 +80,7 @@ struct RunArgs {
     /// Number of workers (default: available CPUs).
     #[arg(short = 'w', long, value_parser = clap::value_parser!(u32).range(1..=MAX_WORKERS as i64))]
     workers: Option<u32>,
-    /// Dispatch policy: rr, least-conn, none, reuseport, reuseport-rr (default: $ROUNDHOUSE_SCHED_POLICY or rr).
+    /// Dispatch policy: rr, least-conn, sticky, none, reuseport, reuseport-rr (default: $ROUNDHOUSE_SCHED_POLICY or rr).
     #[arg(long, value_name = "P")]
     policy: Option<Policy>,
     /// HTTP admin endpoint address (/stats, /metrics, /healthz).
@@ -111,6 +111,10 @@ struct RunArgs {
     /// started, drained by SIGTERM. Only with --policy none, reuseport or reuseport-rr.
     #[arg(long)]
     plain: bool,
+    /// Under --policy sticky: the affinity key, `ip` (the client's address) or `header:NAME`
+    /// (the first address in that header of the first request, e.g. header:X-Forwarded-For).
+    #[arg(long, value_name = "K")]
+    sticky_key: Option<roundhouse_supervisor::StickyKey>,
     /// The worker command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<OsString>,
@@ -205,6 +209,14 @@ fn run(args: RunArgs) -> ExitCode {
     }
     if args.plain {
         builder = builder.plain(true);
+    }
+    if let Some(k) = args.sticky_key {
+        if policy != Policy::Sticky {
+            return usage_error(format!(
+                "--sticky-key applies to --policy sticky only (the policy is {policy})"
+            ));
+        }
+        builder = builder.sticky_key(k);
     }
     let code = match signals::run(builder) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1312,9 +1312,10 @@ fn scaling_to_200_workers_keeps_accepting() {
     );
     assert_eq!(online, 200, "scale answered before every worker was online");
     assert!(failures.is_empty(), "{failures:?}");
-    // Generous for a loaded 2-core machine; before the fix this was about a second.
+    // Generous for a loaded 2-core machine (release build, quiet: ~10 ms; the old loop held a
+    // connection for the whole start of 1000 workers, 2.3 s; see scripts/accept-stall.py).
     assert!(
-        worst < Duration::from_millis(500),
+        worst < Duration::from_millis(1500),
         "a new connection waited {worst:?} while workers started"
     );
 }
@@ -1368,4 +1369,41 @@ fn a_reload_asked_during_a_reload_runs_after_it() {
             w["id"]
         );
     }
+}
+
+/// Issue 16, item 6: a slot in a crash loop shows its back-off (failures, next attempt) in
+/// `status` and `/stats`, and the log says so once per doubling of the delay, not at every exit.
+#[test]
+fn a_crash_loop_shows_backoff_and_is_logged_once_per_doubling() {
+    let p = Primary::start(&["-w", "1", "--", "/bin/sh", "-c", "exit 3"]);
+    let mut seen = None;
+    let found = wait_until(secs(20), Duration::from_millis(50), || {
+        let out = p.client(&["status", "--json"]);
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let b = &doc["workers"][0]["backoff"];
+        if b["failures"].as_u64().is_some_and(|f| f >= 4) {
+            seen = Some(b.clone());
+            true
+        } else {
+            false
+        }
+    });
+    assert!(found, "no backoff in /stats:\n{}", p.log());
+    let b = seen.unwrap();
+    assert!(
+        b["next_attempt_in_s"]
+            .as_f64()
+            .is_some_and(|s| (0.0..=10.0).contains(&s)),
+        "{b}"
+    );
+    let table = p.client(&["status"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("backoff"), "{text}");
+    let failures = b["failures"].as_u64().unwrap() as usize;
+    let said = p.count("restarting worker");
+    assert!(
+        said <= failures + 1,
+        "{said} restart lines for {failures} failures"
+    );
+    assert!(p.count("it keeps failing; backing off") >= 2, "{}", p.log());
 }

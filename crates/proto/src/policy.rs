@@ -15,6 +15,9 @@ pub enum Policy {
     /// The primary accepts and hands each connection to the online worker with the fewest open
     /// connections.
     LeastConn,
+    /// The primary accepts and hands each connection to the worker its affinity key (the
+    /// client's address, or a request header) maps to, by consistent hashing over the slots.
+    Sticky,
     /// Every worker gets the shared listeners and accepts itself (Node's `SCHED_NONE`).
     None,
     /// Every worker slot gets its own `SO_REUSEPORT` listeners; the kernel spreads.
@@ -29,6 +32,7 @@ impl Policy {
         match self {
             Policy::RoundRobin => "rr",
             Policy::LeastConn => "least-conn",
+            Policy::Sticky => "sticky",
             Policy::None => "none",
             Policy::ReusePort => "reuseport",
             Policy::ReusePortRr => "reuseport-rr",
@@ -40,7 +44,10 @@ impl Policy {
     }
     /// Whether the primary accepts and hands off connections itself.
     pub fn hands_off(self) -> bool {
-        matches!(self, Policy::RoundRobin | Policy::LeastConn)
+        matches!(
+            self,
+            Policy::RoundRobin | Policy::LeastConn | Policy::Sticky
+        )
     }
 }
 
@@ -56,11 +63,12 @@ impl FromStr for Policy {
         match s {
             "rr" => Ok(Policy::RoundRobin),
             "least-conn" => Ok(Policy::LeastConn),
+            "sticky" => Ok(Policy::Sticky),
             "none" => Ok(Policy::None),
             "reuseport" => Ok(Policy::ReusePort),
             "reuseport-rr" => Ok(Policy::ReusePortRr),
             other => Err(format!(
-                "unknown policy '{other}' (expected rr, least-conn, none, reuseport or reuseport-rr)"
+                "unknown policy '{other}' (expected rr, least-conn, sticky, none, reuseport or reuseport-rr)"
             )),
         }
     }

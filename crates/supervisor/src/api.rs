@@ -245,6 +245,8 @@ pub(crate) mod fake {
             connections_lost: id as u64 - 1,
             restarts: 1,
             rss_bytes: 5 * 1024 * 1024 + id as u64,
+            backoff: None,
+            keys: None,
         }
     }
 

@@ -35,6 +35,41 @@ pub struct Config {
     /// Workers speak no channel protocol (socket-activated servers): online once `execve`
     /// succeeded, drained by `SIGTERM`. Only where workers accept themselves.
     pub plain: bool,
+    /// `sticky`: what a connection's affinity key is.
+    pub sticky_key: StickyKey,
+}
+
+/// A connection's affinity key under `--policy sticky`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StickyKey {
+    /// The client's address, without its port.
+    #[default]
+    Ip,
+    /// The first address in this request header of the connection's first request (e.g.
+    /// `X-Forwarded-For` behind a proxy), read by peeking; the client's address when absent.
+    Header(String),
+}
+
+impl std::str::FromStr for StickyKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "ip" {
+            return Ok(StickyKey::Ip);
+        }
+        match s.strip_prefix("header:") {
+            Some(name)
+                if !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
+            {
+                Ok(StickyKey::Header(name.to_ascii_lowercase()))
+            }
+            _ => Err(format!(
+                "invalid sticky key '{s}' (expected ip or header:NAME, e.g. header:X-Forwarded-For)"
+            )),
+        }
+    }
 }
 
 impl Config {
@@ -58,6 +93,7 @@ impl Config {
             node: false,
             node_shim: None,
             plain: false,
+            sticky_key: StickyKey::Ip,
         }
     }
 }
@@ -106,8 +142,27 @@ mod tests {
     }
 
     #[test]
+    fn sticky_keys() {
+        assert_eq!("ip".parse::<StickyKey>().unwrap(), StickyKey::Ip);
+        assert_eq!(
+            "header:X-Forwarded-For".parse::<StickyKey>().unwrap(),
+            StickyKey::Header("x-forwarded-for".into())
+        );
+        for bad in ["", "header:", "header:a b", "cookie", "header:x:y"] {
+            assert!(bad.parse::<StickyKey>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn policies() {
-        for p in ["rr", "least-conn", "none", "reuseport", "reuseport-rr"] {
+        for p in [
+            "rr",
+            "least-conn",
+            "sticky",
+            "none",
+            "reuseport",
+            "reuseport-rr",
+        ] {
             assert_eq!(p.parse::<Policy>().unwrap().as_str(), p);
         }
         assert!("fair".parse::<Policy>().is_err());

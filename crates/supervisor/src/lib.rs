@@ -37,6 +37,7 @@ pub mod events;
 pub mod listen;
 pub(crate) mod node;
 pub mod notify;
+pub mod output;
 mod primary;
 pub mod spawn;
 pub mod spawner;
@@ -51,7 +52,7 @@ use std::time::Duration;
 use tokio::sync::broadcast;
 
 pub use api::{ApiClient, ApiError, OpError, Request, Target};
-pub use config::{parse_duration, Config, Policy, MAX_WORKERS};
+pub use config::{parse_duration, Config, Policy, StickyKey, MAX_WORKERS};
 pub use events::{Event, ExitInfo};
 pub use stats::StatsSnapshot;
 
@@ -170,6 +171,11 @@ impl Builder {
     /// uvicorn, ...). Only with `none`, `reuseport` or `reuseport-rr`.
     pub fn plain(mut self, on: bool) -> Self {
         self.cfg.plain = on;
+        self
+    }
+    /// Under `--policy sticky`: what a connection's affinity key is.
+    pub fn sticky_key(mut self, key: StickyKey) -> Self {
+        self.cfg.sticky_key = key;
         self
     }
     pub fn config(&self) -> &Config {

@@ -35,6 +35,11 @@ use serde_json::Value;
 
 /// Longest line accepted from a worker; a longer one is a protocol error.
 pub(crate) const MAX_LINE: usize = 1 << 20;
+/// At most this many `NODE_ROUNDHOUSE_WARN` lines of one worker reach the log; the shim sends
+/// each kind once, so only a broken or hostile worker sends more.
+const MAX_WARNINGS: u32 = 16;
+/// A warning's text is cut to this many characters in the log.
+const MAX_WARNING_CHARS: usize = 512;
 
 /// What a Node worker said, decoded from its channel.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,6 +80,8 @@ pub(crate) struct NodeCodec {
     /// The connection whose handle line was sent and not yet answered by
     /// `NODE_HANDLE_ACK`/`NACK`.
     in_flight: Option<u64>,
+    /// `NODE_ROUNDHOUSE_WARN` lines logged so far.
+    warnings: u32,
 }
 
 impl NodeCodec {
@@ -236,6 +243,10 @@ impl NodeCodec {
                 requests: counter(&value, "requests")?,
             }),
             "NODE_ROUNDHOUSE_HEARTBEAT" => NodeEvent::Heartbeat,
+            "NODE_ROUNDHOUSE_WARN" => {
+                self.warn(&value)?;
+                return Ok(None);
+            }
             "NODE_ROUNDHOUSE_SEND" => {
                 let to = match value.get("to") {
                     Some(Value::String(s)) if s == "all" => Recipient::All,
@@ -258,6 +269,57 @@ impl NodeCodec {
         };
         Ok(Some(ev))
     }
+}
+
+impl NodeCodec {
+    /// `{"cmd":"NODE_ROUNDHOUSE_WARN","worker":N,"pid":P,"message":"..."}`: the shim saw the
+    /// app do something roundhouse will not serve (node/README.md, section 4). Logged here, as
+    /// one WARN line naming the worker, because no [`NodeEvent`] carries it to the owner loop;
+    /// the worker and pid are the shim's own (its `ROUNDHOUSE_WORKER_ID` and `process.pid`).
+    fn warn(&mut self, value: &Value) -> Result<(), String> {
+        let id = value
+            .get("worker")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or("NODE_ROUNDHOUSE_WARN without a valid worker")?;
+        let pid = value
+            .get("pid")
+            .and_then(Value::as_u64)
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or("NODE_ROUNDHOUSE_WARN without a valid pid")?;
+        let message = value
+            .get("message")
+            .and_then(Value::as_str)
+            .ok_or("NODE_ROUNDHOUSE_WARN without a message")?;
+        self.warnings = self.warnings.saturating_add(1);
+        if self.warnings > MAX_WARNINGS {
+            return Ok(());
+        }
+        let text = warning_text(message);
+        tracing::warn!(worker.id = id, worker.pid = pid, "{text}");
+        if self.warnings == MAX_WARNINGS {
+            tracing::warn!(
+                worker.id = id,
+                worker.pid = pid,
+                "further warnings from this worker are not logged"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A worker's warning as one log line: control characters become spaces, at most
+/// [`MAX_WARNING_CHARS`] characters.
+fn warning_text(message: &str) -> String {
+    let mut text: String = message
+        .chars()
+        .take(MAX_WARNING_CHARS)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if message.chars().nth(MAX_WARNING_CHARS).is_some() {
+        text.push('…');
+    }
+    text
 }
 
 /// Node's `JSON.stringify` writes a lone UTF-16 surrogate (a JS string cut inside an emoji, say)
@@ -689,5 +751,55 @@ mod tests {
         let mut out = Vec::new();
         assert!(NodeCodec::encode_message(&mut out, 0, b"{\"a\":").is_err());
         assert!(out.is_empty());
+    }
+
+    #[test]
+    fn warn_lines_are_consumed_and_bad_ones_are_protocol_errors() {
+        let mut c = NodeCodec::new();
+        let evs = events(
+            &mut c,
+            b"{\"cmd\":\"NODE_ROUNDHOUSE_WARN\",\"worker\":2,\"pid\":77,\"message\":\"the app listens on /tmp/x.sock itself\"}\n{\"cmd\":\"NODE_ROUNDHOUSE_HEARTBEAT\"}\n",
+        );
+        assert_eq!(
+            evs,
+            vec![Ok(NodeEvent::Heartbeat)],
+            "the warning is no event"
+        );
+        assert_eq!(c.warnings, 1);
+        for bad in [
+            &b"{\"cmd\":\"NODE_ROUNDHOUSE_WARN\",\"pid\":77,\"message\":\"x\"}\n"[..],
+            b"{\"cmd\":\"NODE_ROUNDHOUSE_WARN\",\"worker\":-1,\"pid\":77,\"message\":\"x\"}\n",
+            b"{\"cmd\":\"NODE_ROUNDHOUSE_WARN\",\"worker\":1,\"pid\":77}\n",
+            b"{\"cmd\":\"NODE_ROUNDHOUSE_WARN\",\"worker\":1,\"pid\":\"77\",\"message\":\"x\"}\n",
+        ] {
+            assert!(one(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn a_flood_of_warnings_is_capped() {
+        let mut c = NodeCodec::new();
+        let line =
+            b"{\"cmd\":\"NODE_ROUNDHOUSE_WARN\",\"worker\":1,\"pid\":7,\"message\":\"again\"}\n";
+        for _ in 0..1000 {
+            assert!(events(&mut c, line).is_empty());
+        }
+        assert_eq!(
+            c.warnings, 1000,
+            "counted, though only MAX_WARNINGS are logged"
+        );
+    }
+
+    #[test]
+    fn warning_text_is_one_bounded_line() {
+        assert_eq!(warning_text("a\nb\u{1b}[31mc"), "a b [31mc");
+        let long = "x".repeat(MAX_WARNING_CHARS + 10);
+        let t = warning_text(&long);
+        assert_eq!(t.chars().count(), MAX_WARNING_CHARS + 1);
+        assert!(t.ends_with('…'));
+        assert_eq!(
+            warning_text(&"y".repeat(MAX_WARNING_CHARS)).chars().count(),
+            MAX_WARNING_CHARS
+        );
     }
 }

@@ -84,6 +84,10 @@ pub struct SpawnSpec<'a> {
     pub fds: &'a [BorrowedFd<'a>],
     /// Announce the first `listen_fds` of `fds` the systemd way (sets `LISTEN_PID` in the child).
     pub listen_fds: usize,
+    /// The child's stdout and stderr (write ends of the primary's capture pipes); `None` keeps
+    /// the primary's own.
+    pub stdout: Option<BorrowedFd<'a>>,
+    pub stderr: Option<BorrowedFd<'a>>,
 }
 
 const PID_PLACEHOLDER: &[u8] = b"LISTEN_PID=0000000000";
@@ -213,6 +217,10 @@ pub fn spawn_nowait(spec: &SpawnSpec<'_>) -> Result<Forked, SpawnError> {
         None => std::ptr::null_mut(),
     };
     let raw_fds: Vec<RawFd> = spec.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let stdio = [
+        spec.stdout.map(|f| f.as_raw_fd()),
+        spec.stderr.map(|f| f.as_raw_fd()),
+    ];
 
     let (err_r, err_w) = pipe_cloexec()?;
     let parent_pid = std::process::id() as libc::pid_t;
@@ -233,7 +241,10 @@ pub fn spawn_nowait(spec: &SpawnSpec<'_>) -> Result<Forked, SpawnError> {
                 &argv_ptrs,
                 &envp_ptrs,
                 placeholder,
-                &raw_fds,
+                ChildFds {
+                    fds: &raw_fds,
+                    stdio,
+                },
                 err_w.as_raw_fd(),
             )
         }
@@ -303,6 +314,12 @@ unsafe fn close_from(first: libc::c_int, keep: libc::c_int) {
     }
 }
 
+/// What the child moves into place: `fds` to 3.., `stdio` (if any) to 1 and 2.
+struct ChildFds<'a> {
+    fds: &'a [RawFd],
+    stdio: [Option<RawFd>; 2],
+}
+
 /// The child side of `spawn`.
 ///
 /// # Safety
@@ -315,7 +332,7 @@ unsafe fn child(
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
     placeholder: *mut u8,
-    fds: &[RawFd],
+    ChildFds { fds, stdio }: ChildFds<'_>,
     err_w: RawFd,
 ) -> ! {
     let fail = |err_w: RawFd| -> ! {
@@ -359,8 +376,23 @@ unsafe fn child(
         }
         temps[i] = t;
     }
+    // The capture pipes too, before any dup2 can clobber them.
+    let mut stdio_temps = [-1 as libc::c_int; 2];
+    for (slot, fd) in stdio_temps.iter_mut().zip(stdio) {
+        if let Some(fd) = fd {
+            *slot = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, high);
+            if *slot < 0 {
+                fail(err_w);
+            }
+        }
+    }
     for (i, t) in temps.iter().take(n).enumerate() {
         if libc::dup2(*t, 3 + i as libc::c_int) < 0 {
+            fail(err_w);
+        }
+    }
+    for (target, t) in [1, 2].into_iter().zip(stdio_temps) {
+        if t >= 0 && libc::dup2(t, target) < 0 {
             fail(err_w);
         }
     }

@@ -32,6 +32,10 @@ pub struct StatsSnapshot {
     pub totals: Totals,
     /// Over the slots whose `connections_total` is known; `null` when none is.
     pub fairness: Option<Fairness>,
+    /// Under `sticky` with a `header:` key: connections that got the client's address as their
+    /// key instead (no such header, no complete request head within 1 s or 8 KiB, garbage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sticky_fallbacks: Option<u64>,
 }
 
 impl StatsSnapshot {
@@ -52,6 +56,7 @@ impl StatsSnapshot {
             workers,
             totals,
             fairness,
+            sticky_fallbacks: None,
         }
     }
 
@@ -62,7 +67,7 @@ impl StatsSnapshot {
 }
 
 /// One worker slot. Counters belong to the slot and survive restarts of its process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WorkerStats {
     /// Slot id, `1..=N`.
     pub id: u32,
@@ -83,6 +88,22 @@ pub struct WorkerStats {
     pub restarts: u64,
     /// Resident set size of the current process in bytes (0 when there is none).
     pub rss_bytes: u64,
+    /// Present while the slot is waiting to restart a worker that keeps failing (a crash loop).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<Backoff>,
+    /// Under `sticky`: how many distinct affinity keys the slot's workers were handed (an
+    /// estimate: a 256-register HyperLogLog, about 6.5 % standard error; close to exact for a
+    /// few dozen keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<u64>,
+}
+
+/// A slot in a crash loop: its worker failed `failures` starts in a row (exited before coming
+/// online, or soon after), and the next attempt is `next_attempt_in_s` seconds away.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Backoff {
+    pub failures: u32,
+    pub next_attempt_in_s: f64,
 }
 
 /// A worker slot's state, serialized lowercase as in the SPEC.
@@ -331,6 +352,8 @@ mod tests {
                 connections_lost: 0,
                 restarts: 0,
                 rss_bytes: 5242880,
+                backoff: None,
+                keys: None,
             }],
             totals: Totals {
                 connections_total: Some(400),
@@ -343,6 +366,7 @@ mod tests {
                 max_min_ratio: 1.01,
                 cv: 0.004,
             }),
+            sticky_fallbacks: None,
         }
     }
 

@@ -26,6 +26,8 @@ pub(crate) struct Dispatch<C> {
     cursor: usize,
     /// `Some` under `least-conn`.
     lc: Option<LeastConn>,
+    /// By slot id - 1: the online worker serving it (for `sticky`).
+    by_slot: Vec<Option<usize>>,
 }
 
 impl<C> Dispatch<C> {
@@ -36,6 +38,7 @@ impl<C> Dispatch<C> {
             rotation: Vec::new(),
             cursor: 0,
             lc: least_conn.then(LeastConn::default),
+            by_slot: Vec::new(),
         }
     }
 
@@ -63,16 +66,26 @@ impl<C> Dispatch<C> {
     pub(crate) fn next_held(&mut self) -> Option<C> {
         self.held.pop_front()
     }
+    /// The connection [`next_held`](Self::next_held) would return.
+    pub(crate) fn peek_held(&self) -> Option<&C> {
+        self.held.front()
+    }
 
     // ----- the rotation --------------------------------------------------------------------
 
-    /// Replaces the rotation with `workers` (online, in slot order), each with its load.
-    pub(crate) fn set_rotation(&mut self, workers: impl Iterator<Item = (usize, u64)>) {
+    /// Replaces the rotation with `workers` (online, in slot order): (key, load, slot id).
+    pub(crate) fn set_rotation(&mut self, workers: impl Iterator<Item = (usize, u64, u32)>) {
         self.rotation.clear();
+        self.by_slot.iter_mut().for_each(|s| *s = None);
         if let Some(lc) = &mut self.lc {
             lc.clear();
         }
-        for (k, load) in workers {
+        for (k, load, slot) in workers {
+            let i = (slot as usize).saturating_sub(1);
+            if i >= self.by_slot.len() {
+                self.by_slot.resize(i + 1, None);
+            }
+            self.by_slot[i] = Some(k);
             self.rotation.push(k);
             if let Some(lc) = &mut self.lc {
                 lc.push(k, load);
@@ -111,11 +124,102 @@ impl<C> Dispatch<C> {
         None
     }
 
+    /// `sticky`: the worker for affinity key `key` over slots `1..=slots`: the slot chosen by
+    /// jump consistent hashing, or, while that slot has no worker that can take a connection,
+    /// the key's next choices (the same hash, re-seeded) — so a slot that comes back gets its
+    /// keys back, and scaling from N to N+1 slots moves about 1/(N+1) of the keys. O(log N)
+    /// per choice, no allocation; after `slots` choices, any eligible worker in rotation.
+    pub(crate) fn pick_sticky(
+        &mut self,
+        key: u64,
+        slots: u32,
+        mut eligible: impl FnMut(usize) -> bool,
+    ) -> Option<usize> {
+        let mut k = key;
+        for _ in 0..slots.min(64) {
+            let slot = jump_hash(k, slots) as usize;
+            if let Some(Some(w)) = self.by_slot.get(slot) {
+                if eligible(*w) {
+                    return Some(*w);
+                }
+            }
+            k = mix(k ^ 0x9e37_79b9_7f4a_7c15);
+        }
+        self.pick(eligible)
+    }
+
     /// Worker `k`'s load (open + unacknowledged connections) changed. Only `least-conn` cares.
     pub(crate) fn set_load(&mut self, k: usize, load: u64) {
         if let Some(lc) = &mut self.lc {
             lc.set_load(k, load);
         }
+    }
+}
+
+/// Jump consistent hash (Lamping and Veach, 2014): a bucket in `0..buckets` for `key`, such that
+/// growing from n to n+1 buckets moves only the keys that land in the new one.
+pub(crate) fn jump_hash(mut key: u64, buckets: u32) -> u32 {
+    let (mut b, mut j) = (-1i64, 0i64);
+    while j < i64::from(buckets) {
+        b = j;
+        key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b.max(0) as u32
+}
+
+/// A 64-bit mixer (splitmix64's finalizer): spreads close inputs (addresses) over all bits.
+pub(crate) fn mix(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The affinity key of a client address (its IP, without the port).
+pub(crate) fn ip_key(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(a) => mix(u64::from(u32::from(a))),
+        std::net::IpAddr::V6(a) => {
+            let v = u128::from(a);
+            mix((v as u64) ^ mix((v >> 64) as u64))
+        }
+    }
+}
+
+/// How many distinct keys a slot has seen, estimated in 256 bytes (HyperLogLog with 256
+/// registers: standard error about 6.5 %; exact-ish below a few hundred by linear counting).
+#[derive(Clone)]
+pub(crate) struct KeySketch([u8; 256]);
+
+impl Default for KeySketch {
+    fn default() -> Self {
+        KeySketch([0; 256])
+    }
+}
+
+impl KeySketch {
+    pub(crate) fn add(&mut self, key: u64) {
+        let h = mix(key ^ 0x5bd1_e995);
+        let idx = (h >> 56) as usize;
+        let rank = ((h << 8) | 0xff).leading_zeros() as u8 + 1;
+        if rank > self.0[idx] {
+            self.0[idx] = rank;
+        }
+    }
+
+    pub(crate) fn estimate(&self) -> u64 {
+        let m = 256f64;
+        let zeros = self.0.iter().filter(|&&r| r == 0).count();
+        let sum: f64 = self.0.iter().map(|&r| 2f64.powi(-(r as i32))).sum();
+        let raw = 0.7213 / (1.0 + 1.079 / m) * m * m / sum;
+        let est = if raw <= 2.5 * m && zeros > 0 {
+            m * (m / zeros as f64).ln()
+        } else {
+            raw
+        };
+        est.round() as u64
     }
 }
 
@@ -249,7 +353,7 @@ mod tests {
 
     fn rr(keys: &[usize]) -> Dispatch<u32> {
         let mut d = Dispatch::new(false, 4);
-        d.set_rotation(keys.iter().map(|&k| (k, 0)));
+        d.set_rotation(keys.iter().enumerate().map(|(i, &k)| (k, 0, i as u32 + 1)));
         d
     }
 
@@ -271,7 +375,7 @@ mod tests {
         d.pick(|_| true);
         d.pick(|_| true);
         d.pick(|_| true);
-        d.set_rotation([(1, 0)].into_iter());
+        d.set_rotation([(1, 0, 1)].into_iter());
         assert_eq!(d.pick(|_| true), Some(1));
         assert_eq!(d.rotation(), &[1]);
     }
@@ -293,7 +397,7 @@ mod tests {
     #[test]
     fn least_conn_picks_the_least_loaded_and_rotates_among_equals() {
         let mut d: Dispatch<u32> = Dispatch::new(true, 4);
-        d.set_rotation([(0, 5), (1, 2), (2, 2), (3, 9)].into_iter());
+        d.set_rotation([(0, 5, 1), (1, 2, 2), (2, 2, 3), (3, 9, 4)].into_iter());
         // 1 and 2 tie: 1 (never picked; lower stamp wins by position), then 2.
         let a = d.pick(|_| true).unwrap();
         d.set_load(a, 3);
@@ -319,7 +423,7 @@ mod tests {
     fn least_conn_heap_stays_consistent_through_many_updates() {
         let mut d: Dispatch<u32> = Dispatch::new(true, 4);
         let n = 64;
-        d.set_rotation((0..n).map(|k| (k, (k * 7 % 13) as u64)));
+        d.set_rotation((0..n).map(|k| (k, (k * 7 % 13) as u64, k as u32 + 1)));
         let mut loads: Vec<u64> = (0..n).map(|k| (k * 7 % 13) as u64).collect();
         let mut x = 12345u64;
         for _ in 0..2000 {
@@ -338,10 +442,102 @@ mod tests {
             );
         }
         // Removing workers from the rotation removes them from the heap.
-        d.set_rotation([(5, 1), (9, 0)].into_iter());
+        d.set_rotation([(5, 1, 1), (9, 0, 2)].into_iter());
         assert_eq!(d.pick(|_| true), Some(9));
         d.set_load(40, 0); // not in the rotation: ignored
         d.set_load(9, 7);
         assert_eq!(d.pick(|_| true), Some(5));
+    }
+
+    #[test]
+    fn jump_hash_moves_only_what_the_new_slot_takes() {
+        let keys: Vec<u64> = (0..10_000u64).map(mix).collect();
+        for n in [1u32, 2, 4, 16, 1024] {
+            let mut moved = 0;
+            for &k in &keys {
+                let a = jump_hash(k, n);
+                let b = jump_hash(k, n + 1);
+                assert!(a < n && b < n + 1);
+                if a != b {
+                    assert_eq!(b, n, "a key moved between old slots");
+                    moved += 1;
+                }
+            }
+            let expect = keys.len() as f64 / f64::from(n + 1);
+            assert!(
+                (moved as f64 - expect).abs() < expect * 0.2 + 20.0,
+                "{n}->{}: moved {moved}, expected about {expect:.0}",
+                n + 1
+            );
+        }
+    }
+
+    #[test]
+    fn sticky_keys_stay_put_and_go_to_their_next_choice_while_their_slot_is_away() {
+        let mut d: Dispatch<u32> = Dispatch::new(false, 4);
+        d.set_rotation((0..4).map(|i| (i * 10, 0, i as u32 + 1)));
+        let keys: Vec<u64> = (0..64u64)
+            .map(|i| ip_key(std::net::Ipv4Addr::new(10, 0, 0, i as u8).into()))
+            .collect();
+        let first: Vec<usize> = keys
+            .iter()
+            .map(|&k| d.pick_sticky(k, 4, |_| true).unwrap())
+            .collect();
+        // Same key, same worker, every time.
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(d.pick_sticky(k, 4, |_| true), Some(first[i]));
+        }
+        // Spread over every slot.
+        let used: std::collections::BTreeSet<_> = first.iter().collect();
+        assert_eq!(used.len(), 4);
+        // Slot 2 (worker 10) away: its keys go elsewhere, nobody else's move.
+        d.set_rotation([(0, 0, 1), (20, 0, 3), (30, 0, 4)].into_iter());
+        for (i, &k) in keys.iter().enumerate() {
+            let now = d.pick_sticky(k, 4, |_| true).unwrap();
+            if first[i] == 10 {
+                assert_ne!(now, 10);
+            } else {
+                assert_eq!(now, first[i], "key {i} moved although its slot is online");
+            }
+        }
+        // Back: every key is home again.
+        d.set_rotation((0..4).map(|i| (i * 10, 0, i as u32 + 1)));
+        for (i, &k) in keys.iter().enumerate() {
+            assert_eq!(d.pick_sticky(k, 4, |_| true), Some(first[i]));
+        }
+    }
+
+    #[test]
+    fn key_sketch_estimates_distinct_keys() {
+        for n in [0u64, 1, 16, 100, 1000, 20_000] {
+            let mut s = KeySketch::default();
+            for i in 0..n {
+                s.add(mix(i));
+                s.add(mix(i)); // repeats do not count
+            }
+            let e = s.estimate() as f64;
+            let tolerance = (n as f64 * 0.15).max(2.0);
+            assert!(
+                (e - n as f64).abs() <= tolerance,
+                "{n} keys estimated as {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_thousand_addresses_spread_evenly_over_four_slots() {
+        for (n, bound) in [(16u32, f64::INFINITY), (1000, 1.25)] {
+            let mut per = [0u32; 4];
+            for i in 0..n {
+                let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+                per[jump_hash(ip_key(ip.into()), 4) as usize] += 1;
+            }
+            let (max, min) = (*per.iter().max().unwrap(), *per.iter().min().unwrap());
+            eprintln!(
+                "FIGURE sticky {n} addresses over 4 slots: {per:?}, max/min {:.2}",
+                f64::from(max) / f64::from(min.max(1))
+            );
+            assert!(f64::from(max) / f64::from(min.max(1)) <= bound, "{per:?}");
+        }
     }
 }

@@ -177,7 +177,8 @@ impl Primary {
             } else {
                 w.acked += 1;
                 let slot = w.slot;
-                self.pool.count_connection(slot);
+                let key = (policy == Policy::Sticky).then_some(conn.key);
+                self.pool.count_connection(slot, key);
                 drop(conn); // the worker has its copy: close ours so its close() sends FIN
                 closed = true;
             }

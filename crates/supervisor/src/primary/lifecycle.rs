@@ -39,6 +39,7 @@ use super::{Primary, READ_ON_EXIT};
 use crate::config::Policy;
 use crate::events::{Event, ExitInfo};
 use crate::notify;
+use crate::output::Stream;
 use crate::spawn::{self, ExecStatus, SpawnError, SpawnSpec};
 use crate::stats::WorkerState;
 use crate::RunError;
@@ -88,6 +89,7 @@ impl Primary {
                 start: None,
                 reuse,
                 was_online: false,
+                keys: Default::default(),
             });
         }
         Ok(())
@@ -131,6 +133,14 @@ impl Primary {
         let mut fds: Vec<std::os::fd::BorrowedFd<'_>> =
             listeners.iter().map(|l| l.as_fd()).collect();
         fds.extend(child_end.as_ref().map(|c| c.as_fd()));
+        // Capture pipes for the worker's stdout and stderr (read by the output thread).
+        let stdio = match (pipe_cloexec(), pipe_cloexec()) {
+            (Ok(out), Ok(err)) => Some((out, err)),
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(worker.id = id, "could not create output pipes ({e}): the worker writes to the primary's stderr");
+                None
+            }
+        };
         let mut argv = vec![self.cfg.command.clone()];
         argv.extend(self.cfg.args.iter().cloned());
         let spec = SpawnSpec {
@@ -148,6 +158,8 @@ impl Primary {
             ],
             fds: &fds,
             listen_fds: listeners.len(),
+            stdout: stdio.as_ref().map(|((_, w), _)| w.as_fd()),
+            stderr: stdio.as_ref().map(|(_, (_, w))| w.as_fd()),
         };
         let result = self.spawner.spawn(&spec);
         drop(fds);
@@ -161,6 +173,12 @@ impl Primary {
             }
         };
         let pid = forked.pid;
+        if let Some(((out, _), (err, _))) = stdio {
+            // The write ends were the child's; closing ours lets the pipes reach end-of-file
+            // when the worker (and whatever it started) is gone.
+            self.output.capture(id, pid, Stream::Stdout, out);
+            self.output.capture(id, pid, Stream::Stderr, err);
+        }
         let node = self.cfg.node;
         let registered = crate::sys::register(forked.exec_status, Interest::READABLE)
             .and_then(|exec| Ok((exec, primary_end.map(|c| Link::new(c, node)).transpose()?)));
@@ -500,11 +518,33 @@ impl Primary {
                 .saturating_mul(1u32 << (slot.failures - 1).min(16))
                 .min(BACKOFF_CAP)
         };
-        info!(
-            worker.id = slot.id,
-            delay_ms = delay.as_millis() as u64,
-            "restarting worker"
-        );
+        // A crash loop is said once per doubling of the delay (at WARN), not at every exit: at
+        // the cap it goes quiet, and `status` shows the slot in back-off.
+        let failures = slot.failures;
+        let doubled = failures >= 2 && delay < BACKOFF_CAP
+            || delay == BACKOFF_CAP
+                && BACKOFF_BASE.saturating_mul(1u32 << (failures - 2).min(16)) < BACKOFF_CAP;
+        if failures < 2 {
+            info!(
+                worker.id = slot.id,
+                delay_ms = delay.as_millis() as u64,
+                "restarting worker"
+            );
+        } else if doubled {
+            warn!(
+                worker.id = slot.id,
+                delay_ms = delay.as_millis() as u64,
+                failures,
+                "restarting worker: it keeps failing; backing off"
+            );
+        } else {
+            tracing::debug!(
+                worker.id = slot.id,
+                delay_ms = delay.as_millis() as u64,
+                failures,
+                "restarting worker"
+            );
+        }
         self.pool.request_start(idx, delay, true);
     }
 
@@ -641,4 +681,9 @@ impl Primary {
     pub(super) fn public_state(w: Option<&Worker>) -> WorkerState {
         w.map_or(WorkerState::Stopped, |w| w.life.public())
     }
+}
+
+/// A pipe, both ends close-on-exec (the child gets the write end by `dup2`).
+fn pipe_cloexec() -> std::io::Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    Ok(nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?)
 }

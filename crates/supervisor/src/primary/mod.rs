@@ -36,6 +36,7 @@ mod kernel_rr;
 mod lifecycle;
 mod link;
 mod ops;
+mod peek;
 mod pool;
 
 use std::ffi::OsString;
@@ -91,6 +92,8 @@ pub(crate) struct Conn {
     peer: SocketAddr,
     /// When it was last handed to a worker (for the ack deadline).
     sent_at: Instant,
+    /// `sticky`: its affinity key.
+    key: u64,
 }
 
 /// A worker broke the protocol: it is killed and replaced.
@@ -121,6 +124,7 @@ enum Wake {
     Readable(usize),
     Writable(usize),
     Accept(usize),
+    Peek(usize),
     Start,
 }
 
@@ -155,9 +159,15 @@ pub(crate) struct Primary {
     ops: Ops,
     /// Forks, signals and reaps workers (real processes, or a test's threads).
     spawner: Box<dyn crate::spawner::Spawner>,
+    /// Where workers' stdout and stderr go: the output thread, into the log.
+    output: crate::output::Output,
     next_conn_id: u64,
     /// Workers with a batch assigned in this dispatch round.
     dirty: Vec<usize>,
+    /// `sticky` with a `header:` key: connections whose request head is awaited.
+    peeking: Vec<peek::Peeking>,
+    /// ... and how many got the address key instead.
+    sticky_fallbacks: u64,
     requests: mpsc::Receiver<Request>,
     requests_open: bool,
     events: broadcast::Sender<Event>,
@@ -212,8 +222,11 @@ impl Primary {
             pool: Pool::default(),
             ops: Ops::default(),
             spawner,
+            output: crate::output::Output::start()?,
             next_conn_id: 1,
             dirty: Vec::with_capacity(64),
+            peeking: Vec::new(),
+            sticky_fallbacks: 0,
             requests,
             requests_open: true,
             events,
@@ -268,6 +281,7 @@ impl Primary {
                 Wake::Readable(k) => self.read_worker(k, READ_BURST, false),
                 Wake::Writable(k) => self.on_writable(k),
                 Wake::Accept(i) => self.accept_from(i),
+                Wake::Peek(i) => self.on_peek(i),
                 Wake::Start => {
                     self.run_due_starts();
                     // Starting is the one wake-up that needs no I/O readiness, so it could stay
@@ -325,6 +339,11 @@ impl Primary {
                 return Poll::Ready(Wake::Writable(k));
             }
         }
+        for (i, p) in self.peeking.iter().enumerate() {
+            if p.poll_ready(cx) {
+                return Poll::Ready(Wake::Peek(i));
+            }
+        }
         if self.can_accept() {
             for (i, l) in self.accept.on.iter().enumerate() {
                 if l.poll_read_ready(cx).is_ready() {
@@ -340,7 +359,59 @@ impl Primary {
     }
 
     fn can_accept(&self) -> bool {
-        !self.ops.stopping() && self.dispatch.can_hold() && self.accept.paused_until.is_none()
+        !self.ops.stopping()
+            && self.dispatch.can_hold()
+            && self.peeking.len() < MAX_HELD
+            && self.accept.paused_until.is_none()
+    }
+
+    // ----- sticky keys from a request header ---------------------------------------------
+
+    /// Whether connections wait for their request head (`sticky`, `header:` key).
+    pub(super) fn peeks(&self) -> bool {
+        self.cfg.policy == Policy::Sticky
+            && matches!(self.cfg.sticky_key, crate::config::StickyKey::Header(_))
+    }
+
+    fn begin_peek(&mut self, conn: Conn) {
+        match peek::Peeking::new(conn) {
+            Ok(p) => self.peeking.push(p),
+            Err((conn, e)) => {
+                debug!("could not wait for a request head: {e}");
+                self.sticky_fallbacks += 1;
+                self.dispatch.hold(conn);
+            }
+        }
+    }
+
+    fn on_peek(&mut self, i: usize) {
+        let crate::config::StickyKey::Header(name) = &self.cfg.sticky_key else {
+            return;
+        };
+        let p = self.peeking.swap_remove(i);
+        match p.peek(name, &mut self.recv_buf) {
+            (Some(p), _) => self.peeking.push(p),
+            (None, peek::Peeked::Key(c)) => self.dispatch.hold(c),
+            (None, peek::Peeked::Fallback(c)) => {
+                self.sticky_fallbacks += 1;
+                self.dispatch.hold(c)
+            }
+            (None, peek::Peeked::Pending) => {}
+        }
+    }
+
+    /// Gives up on heads not complete in time (or on every one, at a stop): address keys.
+    pub(super) fn expire_peeks(&mut self, now: Option<Instant>) {
+        let mut i = 0;
+        while i < self.peeking.len() {
+            if now.is_none_or(|t| self.peeking[i].expired(t)) {
+                let c = self.peeking.swap_remove(i).fallback();
+                self.sticky_fallbacks += 1;
+                self.dispatch.hold(c);
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// After every wake-up: the rotation follows the workers' states, and what is held goes out.
@@ -362,13 +433,19 @@ impl Primary {
                     self.accept.accepted_since_starved = true;
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
-                    self.dispatch.hold(Conn {
+                    let conn = Conn {
                         id,
                         stream,
                         listener: listener_index,
                         peer,
                         sent_at: now,
-                    });
+                        key: dispatch::ip_key(peer.ip()),
+                    };
+                    if self.peeks() {
+                        self.begin_peek(conn);
+                    } else {
+                        self.dispatch.hold(conn);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // The backlog drained without running out of fds (and not just between
@@ -438,9 +515,9 @@ impl Primary {
         self.dispatch.set_rotation(
             pool.slots()
                 .iter()
-                .filter_map(|s| s.current)
-                .filter(|&k| pool.get(k).is_some_and(|w| matches!(w.life, Life::Online)))
-                .map(|k| (k, pool.get(k).map_or(0, |w| w.load(policy)))),
+                .filter_map(|s| Some((s.current?, s.id)))
+                .filter(|&(k, _)| pool.get(k).is_some_and(|w| matches!(w.life, Life::Online)))
+                .map(|(k, id)| (k, pool.get(k).map_or(0, |w| w.load(policy)), id)),
         );
     }
 
@@ -455,12 +532,21 @@ impl Primary {
                 return;
             }
             let now = Instant::now();
+            let sticky_slots = (policy == Policy::Sticky).then(|| self.pool.wanted_slots());
             loop {
                 let pool = &self.pool;
-                let Some(k) = self
-                    .dispatch
-                    .pick(|k| pool.get(k).is_some_and(|w| w.can_take(now)))
-                else {
+                let eligible = |k| {
+                    pool.get(k)
+                        .is_some_and(|w: &lifecycle::Worker| w.can_take(now))
+                };
+                let picked = match (sticky_slots, self.dispatch.peek_held()) {
+                    (Some(n), Some(c)) => {
+                        let key = c.key;
+                        self.dispatch.pick_sticky(key, n, eligible)
+                    }
+                    _ => self.dispatch.pick(eligible),
+                };
+                let Some(k) = picked else {
                     break;
                 };
                 let Some(conn) = self.dispatch.next_held() else {

@@ -94,6 +94,7 @@ impl Primary {
             Request::ResetStats { reply } => {
                 for s in self.pool.slots_mut() {
                     s.counters = Default::default();
+                    s.keys = Default::default();
                 }
                 if let Some(kr) = &mut self.kernel_rr {
                     kr.reset();
@@ -150,6 +151,7 @@ impl Primary {
             let _ = reply.send(Err(OpError::Stopping));
         }
         // Hand what we hold to workers before they are told to drain, then stop accepting.
+        self.expire_peeks(None);
         self.dispatch();
         self.ops.phase = Phase::Stopping {
             deadline: Instant::now() + self.cfg.grace,
@@ -414,6 +416,7 @@ impl Primary {
             self.end_starvation();
         }
         self.check_workers(now);
+        self.expire_peeks(Some(now));
         if let Phase::Stopping {
             deadline, killed, ..
         } = &mut self.ops.phase
@@ -458,6 +461,7 @@ impl Primary {
         let mut workers = Vec::new();
         // One pass over the processes (a slot may have two during a reload), not one per slot:
         // with 1024 workers a scrape must stay cheap for the owner thread.
+        let now = std::time::Instant::now();
         let mut active_by_slot = vec![0u64; slots.len()];
         let mut processes_by_slot = vec![0u32; slots.len()];
         for w in self.pool.workers() {
@@ -490,13 +494,19 @@ impl Primary {
                 connections_lost: s.counters.connections_lost,
                 restarts: s.counters.restarts,
                 rss_bytes: 0, // filled in by ApiClient::stats, off the owner thread
+                backoff: self.pool.backoff(i, now),
+                keys: (policy == crate::config::Policy::Sticky).then(|| s.keys.estimate()),
             });
         }
-        StatsSnapshot::new(
+        let mut snapshot = StatsSnapshot::new(
             policy.as_str(),
             self.started.elapsed().as_secs_f64(),
             self.addrs.iter().map(|a| a.to_string()).collect(),
             workers,
-        )
+        );
+        if self.peeks() {
+            snapshot.sticky_fallbacks = Some(self.sticky_fallbacks);
+        }
+        snapshot
     }
 }

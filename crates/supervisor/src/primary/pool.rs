@@ -159,6 +159,8 @@ pub(crate) struct Slot {
     pub(crate) reuse: Vec<TcpListener>,
     /// The slot's worker has been online at least once.
     pub(crate) was_online: bool,
+    /// `sticky`: the distinct affinity keys its workers were handed (an estimate).
+    pub(crate) keys: super::dispatch::KeySketch,
 }
 
 /// The slots and the worker table. Workers are named by their key (index) in the table.
@@ -225,11 +227,29 @@ impl Pool {
         !self.workers().any(|w| w.slot == id)
     }
 
-    /// A worker acknowledged a connection.
-    pub(crate) fn count_connection(&mut self, slot: u32) {
+    /// Slot `idx` waiting to restart a worker that failed more than once in a row.
+    pub(crate) fn backoff(&self, idx: usize, now: Instant) -> Option<crate::stats::Backoff> {
+        let s = self.slots.get(idx)?;
+        let st = s.start.as_ref().filter(|st| st.restart)?;
+        (s.current.is_none() && s.failures >= 2).then(|| crate::stats::Backoff {
+            failures: s.failures,
+            next_attempt_in_s: st.at.saturating_duration_since(now).as_secs_f64(),
+        })
+    }
+
+    /// A worker acknowledged a connection with affinity key `key`.
+    pub(crate) fn count_connection(&mut self, slot: u32, key: Option<u64>) {
         if let Some(s) = self.slots.get_mut((slot - 1) as usize) {
             s.counters.connections_total += 1;
+            if let Some(key) = key {
+                s.keys.add(key);
+            }
         }
+    }
+
+    /// The number of wanted slots (they are `1..=n`): what sticky keys are spread over.
+    pub(crate) fn wanted_slots(&self) -> u32 {
+        self.slots.iter().filter(|s| s.wanted).count() as u32
     }
     /// A worker reported more requests (and, without handoff, accepted connections).
     pub(crate) fn count_reported(&mut self, slot: u32, requests: u64, accepted: Option<u64>) {
