@@ -1928,3 +1928,25 @@ impl Load {
         r
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Process groups
+// ---------------------------------------------------------------------------------------------
+
+/// Process group of `pid` (field 5 of `/proc/<pid>/stat`).
+pub fn proc_pgid(pid: i32) -> Option<i32> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &s[s.rfind(')')? + 1..];
+    // After the comm: state(0) ppid(1) pgrp(2).
+    rest.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Live (non-zombie) processes whose process group is `pgid`. A worker is started as the leader
+/// of its own group (pgid = its pid), so this is the worker and everything it started that did
+/// not leave the group (gunicorn's own workers, a shell's background job).
+pub fn processes_in_group(pgid: i32) -> Vec<i32> {
+    all_pids()
+        .into_iter()
+        .filter(|p| proc_pgid(*p) == Some(pgid) && pid_alive(*p))
+        .collect()
+}
