@@ -44,7 +44,8 @@ QUICK=0
 WORKERS=$(nproc 2>/dev/null || echo 2)
 DURATION=
 WARMUP=
-POLICIES=rr,least-conn,none,reuseport,reuseport-rr,node-rr,node-none,roundhouse-node-rr
+XFF_POOL=0
+POLICIES=rr,least-conn,sticky,none,reuseport,reuseport-rr,node-rr,node-none,roundhouse-node-rr
 WORKLOADS=keep-alive,conn-per-request,mixed
 CONNECTIONS=64
 THREADS=2
@@ -112,7 +113,7 @@ IFS=, read -r -a POLICY_LIST <<<"$POLICIES"
 IFS=, read -r -a WORKLOAD_LIST <<<"$WORKLOADS"
 for p in "${POLICY_LIST[@]}"; do
   case $p in
-    rr | least-conn | none | reuseport | reuseport-rr | node-rr | node-none | roundhouse-node-rr) ;;
+    rr | least-conn | sticky | none | reuseport | reuseport-rr | node-rr | node-none | roundhouse-node-rr) ;;
     *) die_usage "unknown policy '$p'" ;;
   esac
 done
@@ -287,7 +288,15 @@ log_field() {
 start_server() {
   local name=$1 i
   local -a cmd
+  XFF_POOL=0
   case $name in
+    sticky)
+      # Keys from X-Forwarded-For, 256 client addresses (scripts/wrk/*.lua): from wrk's one
+      # source address, `ip` keys would put every connection on one worker.
+      cmd=("$RH" run -l 127.0.0.1:0 --admin 127.0.0.1:0 --control "$TMP/$name.sock"
+        -w "$WORKERS" --policy sticky --sticky-key header:X-Forwarded-For -- "$HELLO")
+      XFF_POOL=256
+      ;;
     rr | least-conn | none | reuseport | reuseport-rr)
       cmd=("$RH" run -l 127.0.0.1:0 --admin 127.0.0.1:0 --control "$TMP/$name.sock"
         -w "$WORKERS" --policy "$name" -- "$HELLO")
@@ -409,7 +418,7 @@ settled_stats() {
 run_wrk() {
   local out=$1 rc=0
   shift
-  BENCH_CPU_MS=$CPU_MS wrk "$@" >"$out" 2>&1 &
+  BENCH_CPU_MS=$CPU_MS BENCH_XFF_POOL=$XFF_POOL wrk "$@" >"$out" 2>&1 &
   WRK_PID=$!
   wait "$WRK_PID" || rc=$?
   WRK_PID=

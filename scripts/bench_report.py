@@ -56,6 +56,7 @@ WORKLOAD_TITLES = {
 POLICY_ORDER = [
     "rr",
     "least-conn",
+    "sticky",
     "none",
     "reuseport",
     "reuseport-rr",
@@ -661,6 +662,7 @@ POLICY_STYLE = {
     "none": ("tab:grey", "s"),
     "reuseport": ("tab:orange", "s"),
     "reuseport-rr": ("tab:red", "s"),
+    "sticky": ("tab:brown", "o"),
     "node-rr": ("tab:green", "^"),
     "node-none": ("tab:olive", "^"),
     "roundhouse-node-rr": ("tab:purple", "o"),

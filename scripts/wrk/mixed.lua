@@ -39,8 +39,22 @@ function init(args)
   counter = (thread_no or 0) * 3
 end
 
+-- The `sticky` row: X-Forwarded-For from a pool of BENCH_XFF_POOL addresses (see plain.lua).
+local pool = tonumber(os.getenv("BENCH_XFF_POOL") or "0")
+
 function request()
   counter = counter + 1
+  if pool > 0 then
+    local k = counter % pool
+    local headers = { ["X-Forwarded-For"] = "10.0." .. math.floor(k / 256) % 256 .. "." .. k % 256 }
+    if not keepalive then
+      headers["Connection"] = "close"
+    end
+    if counter % every == 0 then
+      return wrk.format("GET", "/cpu?ms=" .. cpu_ms, headers)
+    end
+    return wrk.format("GET", "/", headers)
+  end
   if counter % every == 0 then
     return costly
   end

@@ -45,16 +45,35 @@ impl Spawner for ProcessSpawner {
         spawn::spawn_nowait(spec)
     }
 
+    /// Like systemd's `KillMode=mixed`: the polite signals (`SIGTERM`, `SIGCONT`) go to the
+    /// worker itself, which stops its own children its own way (gunicorn's master drains its
+    /// workers; signalled directly, they would exit under it and be re-forked mid-stop);
+    /// `SIGKILL` goes to the worker's whole process group. What the worker leaves behind in its
+    /// group when it exits is killed when it is reaped ([`ProcessSpawner::try_wait`]), so no
+    /// child outlives it either way.
     fn signal(&mut self, pid: u32, sig: Signal) {
         let pid = pid as i32;
-        // The worker leads its own group (set on both sides of the fork); fall back to the
-        // process itself should the group not exist.
-        if kill(Pid::from_raw(-pid), sig).is_err() {
-            let _ = kill(Pid::from_raw(pid), sig);
+        if sig == Signal::SIGKILL {
+            // The worker leads its own group (set on both sides of the fork); fall back to the
+            // process itself should the group not exist.
+            if kill(Pid::from_raw(-pid), sig).is_ok() {
+                return;
+            }
         }
+        let _ = kill(Pid::from_raw(pid), sig);
     }
 
     fn try_wait(&mut self, pid: u32) -> Option<ExitInfo> {
+        let status = self.wait(pid)?;
+        // Whatever the worker started and left in its group goes with it. (The group's id
+        // cannot be reused while any member lives, so this reaches only the worker's own.)
+        let _ = kill(Pid::from_raw(-(pid as i32)), Signal::SIGKILL);
+        Some(status)
+    }
+}
+
+impl ProcessSpawner {
+    fn wait(&mut self, pid: u32) -> Option<ExitInfo> {
         match waitpid(Pid::from_raw(pid as i32), Some(WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::Exited(_, code)) => Some(ExitInfo::Code(code)),
             Ok(WaitStatus::Signaled(_, sig, _)) => Some(ExitInfo::Signal(sig as i32)),

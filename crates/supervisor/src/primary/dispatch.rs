@@ -62,13 +62,13 @@ impl<C> Dispatch<C> {
             self.held.push_front(c);
         }
     }
-    /// The next connection to hand off.
-    pub(crate) fn next_held(&mut self) -> Option<C> {
-        self.held.pop_front()
+    /// The `i`-th held connection (0 = the next to go).
+    pub(crate) fn held_at(&self, i: usize) -> Option<&C> {
+        self.held.get(i)
     }
-    /// The connection [`next_held`](Self::next_held) would return.
-    pub(crate) fn peek_held(&self) -> Option<&C> {
-        self.held.front()
+    /// Takes the `i`-th held connection out of the queue.
+    pub(crate) fn take_held(&mut self, i: usize) -> Option<C> {
+        self.held.remove(i)
     }
 
     // ----- the rotation --------------------------------------------------------------------
@@ -125,27 +125,37 @@ impl<C> Dispatch<C> {
     }
 
     /// `sticky`: the worker for affinity key `key` over slots `1..=slots`: the slot chosen by
-    /// jump consistent hashing, or, while that slot has no worker that can take a connection,
-    /// the key's next choices (the same hash, re-seeded) — so a slot that comes back gets its
-    /// keys back, and scaling from N to N+1 slots moves about 1/(N+1) of the keys. O(log N)
-    /// per choice, no allocation; after `slots` choices, any eligible worker in rotation.
+    /// jump consistent hashing. While that slot has no online worker, the key's next choices
+    /// (the same hash, re-seeded) — so a slot that comes back gets its keys back, and scaling
+    /// from N to N+1 slots moves about 1/(N+1) of the keys. A slot whose worker is online but
+    /// cannot take a connection right now means [`Sticky::Wait`] when `may_wait`, else the next
+    /// choice. O(log N) per choice, no allocation; after the choices run out, any eligible
+    /// worker in rotation.
     pub(crate) fn pick_sticky(
         &mut self,
         key: u64,
         slots: u32,
         mut eligible: impl FnMut(usize) -> bool,
-    ) -> Option<usize> {
+        may_wait: bool,
+    ) -> Sticky {
         let mut k = key;
         for _ in 0..slots.min(64) {
             let slot = jump_hash(k, slots) as usize;
+            // `by_slot` holds only online workers.
             if let Some(Some(w)) = self.by_slot.get(slot) {
                 if eligible(*w) {
-                    return Some(*w);
+                    return Sticky::To(*w);
+                }
+                if may_wait {
+                    return Sticky::Wait;
                 }
             }
             k = mix(k ^ 0x9e37_79b9_7f4a_7c15);
         }
-        self.pick(eligible)
+        match self.pick(eligible) {
+            Some(w) => Sticky::To(w),
+            None => Sticky::Nobody,
+        }
     }
 
     /// Worker `k`'s load (open + unacknowledged connections) changed. Only `least-conn` cares.
@@ -154,6 +164,16 @@ impl<C> Dispatch<C> {
             lc.set_load(k, load);
         }
     }
+}
+
+/// Where a sticky connection goes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Sticky {
+    To(usize),
+    /// Its worker is online but busy: leave it held for now.
+    Wait,
+    /// No worker can take a connection.
+    Nobody,
 }
 
 /// Jump consistent hash (Lamping and Veach, 2014): a bucket in `0..buckets` for `key`, such that
@@ -390,7 +410,7 @@ mod tests {
         d.give_back([1, 2].into_iter());
         assert!(!d.can_hold());
         assert_eq!(d.held_len(), 4);
-        let order: Vec<_> = std::iter::from_fn(|| d.next_held()).collect();
+        let order: Vec<_> = std::iter::from_fn(|| d.take_held(0)).collect();
         assert_eq!(order, [1, 2, 10, 11]);
     }
 
@@ -472,6 +492,26 @@ mod tests {
         }
     }
 
+    fn unwrap_to(s: Sticky) -> usize {
+        match s {
+            Sticky::To(k) => k,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_busy_home_worker_means_wait_not_move() {
+        let mut d: Dispatch<u32> = Dispatch::new(false, 4);
+        d.set_rotation((0..4).map(|i| (i * 10, 0, i as u32 + 1)));
+        let key = ip_key(std::net::Ipv4Addr::new(10, 1, 2, 3).into());
+        let home = unwrap_to(d.pick_sticky(key, 4, |_| true, true));
+        // Home busy: wait while allowed; after that, the next choice.
+        assert_eq!(d.pick_sticky(key, 4, |k| k != home, true), Sticky::Wait);
+        let next = unwrap_to(d.pick_sticky(key, 4, |k| k != home, false));
+        assert_ne!(next, home);
+        assert_eq!(d.pick_sticky(key, 4, |_| false, false), Sticky::Nobody);
+    }
+
     #[test]
     fn sticky_keys_stay_put_and_go_to_their_next_choice_while_their_slot_is_away() {
         let mut d: Dispatch<u32> = Dispatch::new(false, 4);
@@ -481,11 +521,11 @@ mod tests {
             .collect();
         let first: Vec<usize> = keys
             .iter()
-            .map(|&k| d.pick_sticky(k, 4, |_| true).unwrap())
+            .map(|&k| unwrap_to(d.pick_sticky(k, 4, |_| true, false)))
             .collect();
         // Same key, same worker, every time.
         for (i, &k) in keys.iter().enumerate() {
-            assert_eq!(d.pick_sticky(k, 4, |_| true), Some(first[i]));
+            assert_eq!(d.pick_sticky(k, 4, |_| true, false), Sticky::To(first[i]));
         }
         // Spread over every slot.
         let used: std::collections::BTreeSet<_> = first.iter().collect();
@@ -493,7 +533,7 @@ mod tests {
         // Slot 2 (worker 10) away: its keys go elsewhere, nobody else's move.
         d.set_rotation([(0, 0, 1), (20, 0, 3), (30, 0, 4)].into_iter());
         for (i, &k) in keys.iter().enumerate() {
-            let now = d.pick_sticky(k, 4, |_| true).unwrap();
+            let now = unwrap_to(d.pick_sticky(k, 4, |_| true, false));
             if first[i] == 10 {
                 assert_ne!(now, 10);
             } else {
@@ -503,7 +543,7 @@ mod tests {
         // Back: every key is home again.
         d.set_rotation((0..4).map(|i| (i * 10, 0, i as u32 + 1)));
         for (i, &k) in keys.iter().enumerate() {
-            assert_eq!(d.pick_sticky(k, 4, |_| true), Some(first[i]));
+            assert_eq!(d.pick_sticky(k, 4, |_| true, false), Sticky::To(first[i]));
         }
     }
 

@@ -569,6 +569,15 @@ impl Primary {
         let hb = self.cfg.heartbeat_timeout;
         let ack_timeout = hb.map_or(ACK_TIMEOUT, |t| t.min(ACK_TIMEOUT));
         for k in 0..self.pool.capacity() {
+            // Before calling a start late: learn what is already there (an execve that
+            // succeeded, a READY not read yet, when the loop itself was held up).
+            match self.pool.get(k).map(|w| &w.life) {
+                Some(Life::Spawned { deadline, .. }) if *deadline <= now => self.resolve_exec(k),
+                Some(Life::Starting { deadline }) if *deadline <= now => {
+                    self.read_worker(k, super::READ_BURST, true)
+                }
+                _ => {}
+            }
             if let (Some(t), Some(w)) = (hb, self.pool.get(k)) {
                 if matches!(w.life, Life::Online)
                     && w.link.is_some()

@@ -79,6 +79,9 @@ const TICK: Duration = Duration::from_millis(50);
 /// Pause after `accept` fails for lack of fds (EMFILE and friends), unless an fd of ours closes
 /// first (a worker acknowledges a connection, a worker goes away).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Longest a sticky connection waits for its own worker while that worker is online but busy,
+/// before it goes to its key's next choice.
+const STICKY_WAIT: Duration = Duration::from_secs(1);
 /// How long a worker that refused a connection while online is skipped.
 const REFUSE_COOLDOWN: Duration = Duration::from_millis(100);
 /// How long a worker is skipped after `sendmsg` said too many fds are in flight.
@@ -533,23 +536,36 @@ impl Primary {
             }
             let now = Instant::now();
             let sticky_slots = (policy == Policy::Sticky).then(|| self.pool.wanted_slots());
+            // Under sticky, a connection whose worker is online but busy right now (a Node
+            // worker with a handle in flight, a full window) waits for it in the held queue,
+            // where it does not hold up the others; after STICKY_WAIT it goes to its key's next
+            // choice.
+            let mut at = 0;
             loop {
                 let pool = &self.pool;
                 let eligible = |k| {
                     pool.get(k)
                         .is_some_and(|w: &lifecycle::Worker| w.can_take(now))
                 };
-                let picked = match (sticky_slots, self.dispatch.peek_held()) {
+                let picked = match (sticky_slots, self.dispatch.held_at(at)) {
                     (Some(n), Some(c)) => {
-                        let key = c.key;
-                        self.dispatch.pick_sticky(key, n, eligible)
+                        let (key, may_wait) = (c.key, now.duration_since(c.sent_at) < STICKY_WAIT);
+                        match self.dispatch.pick_sticky(key, n, eligible, may_wait) {
+                            dispatch::Sticky::To(k) => Some(k),
+                            dispatch::Sticky::Wait => {
+                                at += 1;
+                                continue;
+                            }
+                            dispatch::Sticky::Nobody => None,
+                        }
                     }
-                    _ => self.dispatch.pick(eligible),
+                    (Some(_), None) => None,
+                    (None, _) => self.dispatch.pick(eligible),
                 };
                 let Some(k) = picked else {
                     break;
                 };
-                let Some(conn) = self.dispatch.next_held() else {
+                let Some(conn) = self.dispatch.take_held(at) else {
                     break;
                 };
                 let w = self.pool.get_mut(k).expect("picked a live worker");
@@ -559,8 +575,9 @@ impl Primary {
                 }
                 let full = link.batch_full();
                 self.dispatch.set_load(k, w.load(policy));
-                if full {
-                    self.flush(k);
+                if full && self.flush(k) {
+                    // Connections went back to the front: look again from there.
+                    at = 0;
                 }
                 if self.dispatch.held_len() == 0 {
                     break;
