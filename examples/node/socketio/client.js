@@ -75,8 +75,8 @@ function runClient(i) {
       clearTimeout(timer);
       if (error) result.error = error;
       result.transport = socket.io.engine ? socket.io.engine.transport && socket.io.engine.transport.name : null;
-      socket.disconnect();
-      agent.destroy();
+      // No socket.disconnect() here: it would send the close packet on a new polling request
+      // while other clients still run, and the process exits once all are done anyway.
       resolve(result);
     };
     const timer = setTimeout(() => finish(`no echo within ${opt.timeoutMs} ms`), opt.timeoutMs);
