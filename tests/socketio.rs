@@ -326,3 +326,76 @@ fn clients_behind_one_proxy_address_spread_by_x_forwarded_for() {
     assert_eq!(by_ip.connected, by_ip.clients, "{:#?}", by_ip.failures);
     assert_eq!(by_ip.workers().len(), 1, "{:?}", by_ip.per_worker);
 }
+
+/// One `GET /` from source address `src` on a new connection: the `x-worker-id` that answered.
+fn worker_from(src: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> u32 {
+    use std::io::{Read, Write};
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddrV4::new(src, 0).into())
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    s.connect(&addr.into()).unwrap();
+    let mut c: std::net::TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-worker-id: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
+}
+
+/// The mechanism under the socket.io figures, with the plain Node app (no npm packages): many
+/// connections at once from each of 10 addresses. A Node worker takes one handed connection at
+/// a time (the next one once Node acknowledged the handle, `node/README.md` section 5), so it is
+/// often busy for an instant; a busy worker is still online, and promise 9 keeps its keys with it:
+/// every connection from one address reaches one worker.
+#[test]
+fn concurrent_connections_from_one_address_reach_one_node_worker() {
+    if Command::new("node").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: `node` is not installed");
+        return;
+    }
+    let app = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/node/app.js");
+    let p = Primary::builder()
+        .workers(4)
+        .args(&["--node", "--policy", "sticky", "--grace", "5s"])
+        .cmd(&["node", app.to_str().unwrap()])
+        .start();
+    p.wait_ready();
+    let addr = p.addr();
+    let srcs: Vec<std::net::Ipv4Addr> = (2..2 + CLIENTS)
+        .map(|i| std::net::Ipv4Addr::new(127, 0, 0, i))
+        .collect();
+    // 4 threads per address, 5 connections each, all started together.
+    let start = std::sync::Arc::new(std::sync::Barrier::new(srcs.len() * 4));
+    let threads: Vec<_> = srcs
+        .iter()
+        .flat_map(|&src| std::iter::repeat_n(src, 4))
+        .map(|src| {
+            let start = start.clone();
+            std::thread::spawn(move || {
+                start.wait();
+                (0..5)
+                    .map(|_| (src, worker_from(src, addr)))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seen: BTreeMap<std::net::Ipv4Addr, BTreeMap<u32, usize>> = BTreeMap::new();
+    for t in threads {
+        for (src, w) in t.join().expect("client thread") {
+            *seen.entry(src).or_default().entry(w).or_default() += 1;
+        }
+    }
+    eprintln!("FIGURE sticky, node workers, 20 concurrent connections per address: {seen:?}");
+    let split: Vec<_> = seen.iter().filter(|(_, ws)| ws.len() > 1).collect();
+    assert!(
+        split.is_empty(),
+        "addresses served by more than one worker (address → worker → connections): {split:?}"
+    );
+}
