@@ -13,9 +13,11 @@
 //!   which must reach the same worker too); `--policy rr` on the same clients: some fail.
 //! - `--sticky-key header:X-Forwarded-For`: clients behind one proxy address spread over the
 //!   workers and every one connects; with the `ip` key they all land on one worker.
+//! - Underneath, with the plain Node app: many concurrent connections from one address reach one
+//!   worker even though a Node worker takes one handed connection at a time (busy is not gone).
 //!
 //! Skipped, with the reason printed, when `node` or the example's `npm ci`-installed
-//! `node_modules` are missing.
+//! `node_modules` are missing (the last test needs only `node`).
 
 mod common;
 
