@@ -1949,4 +1949,83 @@ pub fn processes_in_group(pgid: i32) -> Vec<i32> {
         .into_iter()
         .filter(|p| proc_pgid(*p) == Some(pgid) && pid_alive(*p))
         .collect()
+// Other programs (e.g. a Node.js client script)
+// ---------------------------------------------------------------------------------------------
+
+/// A child process that is killed (`SIGKILL`) and reaped when dropped, also when the test panics.
+pub struct ChildGuard {
+    child: Option<Child>,
+}
+
+impl ChildGuard {
+    pub fn new(child: Child) -> ChildGuard {
+        ChildGuard { child: Some(child) }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    /// Waits for the child to exit, at most `timeout`, collecting its stdout and stderr (both must
+    /// be piped). On timeout it is killed and reaped, and the test panics with what it printed.
+    pub fn output_within(mut self, what: &str, timeout: Duration) -> Output {
+        let mut child = self.child.take().expect("a child");
+        let mut out = child.stdout.take().expect("piped stdout");
+        let mut err = child.stderr.take().expect("piped stderr");
+        let out_t = thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = out.read_to_end(&mut v);
+            v
+        });
+        let err_t = thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = err.read_to_end(&mut v);
+            v
+        });
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(s) = child.try_wait().expect("try_wait") {
+                break s;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                let out = out_t.join().unwrap_or_default();
+                let err = err_t.join().unwrap_or_default();
+                panic!(
+                    "{what} did not exit within {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                    String::from_utf8_lossy(&out),
+                    String::from_utf8_lossy(&err)
+                );
+            }
+            thread::sleep(POLL);
+        };
+        Output {
+            status,
+            stdout: out_t.join().unwrap_or_default(),
+            stderr: err_t.join().unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `cmd` (stdin closed, stdout and stderr captured) to completion within `timeout`; on
+/// timeout or panic the process is killed and reaped.
+pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("could not spawn {what}: {e}"));
+    ChildGuard::new(child).output_within(&what, timeout)
 }
