@@ -1949,6 +1949,9 @@ pub fn processes_in_group(pgid: i32) -> Vec<i32> {
         .into_iter()
         .filter(|p| proc_pgid(*p) == Some(pgid) && pid_alive(*p))
         .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
 // Other programs (e.g. a Node.js client script)
 // ---------------------------------------------------------------------------------------------
 
