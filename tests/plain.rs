@@ -183,3 +183,38 @@ fn plain_with_a_handoff_policy_is_a_usage_error() {
         assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     }
 }
+
+/// Issue 16, item 4: a worker whose RSS goes over `--max-memory` is recycled gracefully (its
+/// replacement online first), logged with its RSS; the other worker is left alone.
+#[test]
+fn a_worker_over_max_memory_is_recycled() {
+    require_python3!();
+    let p = plain("reuseport", &["--max-memory", "64MiB"]).start();
+    p.wait_ready();
+    let pids = p.worker_pids();
+    // Grow whichever worker answers by 100 MiB.
+    let r = get(p.addr(), "/grow?mb=100").expect("grow");
+    let grown = r.worker_id().expect("x-worker-id");
+    let old = pids[&grown];
+    let line = p.wait_for_line("the over-memory line", STARTUP, |l| {
+        l.contains("over --max-memory") && l.field_as::<i32>("worker.pid") == Some(old)
+    });
+    assert!(
+        line.field_as::<u64>("rss_mib").is_some_and(|m| m >= 64),
+        "{}",
+        line.text
+    );
+    let new = p.wait_worker_online(grown, Some(old), STARTUP);
+    assert_ne!(new, old);
+    let other = if grown == 1 { 2 } else { 1 };
+    assert_eq!(
+        p.worker_pids()[&other],
+        pids[&other],
+        "the other worker was left alone"
+    );
+    // The old one drains and exits; the slot serves on.
+    assert!(wait_until(STARTUP, Duration::from_millis(20), || {
+        !pid_alive(old)
+    }));
+    serve(&p, 4);
+}

@@ -29,10 +29,16 @@ if pidfile:
         f.write(str(child.pid))
 
 
+HELD = []
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self):
+        # /grow?mb=N: keep N MiB more (touched, so it is resident) - for --max-memory tests.
+        if self.path.startswith("/grow?mb="):
+            HELD.append(bytearray(b"x" * (int(self.path.split("=", 1)[1]) << 20)))
         body = json.dumps({"worker_id": int(WID), "pid": os.getpid()}).encode() + b"\n"
         self.send_response(200)
         self.send_header("content-type", "application/json")

@@ -53,6 +53,10 @@ pub enum Request {
     /// keeps the requesting connection open until the process exits, so the client can wait
     /// for the end.
     Stop { reply: oneshot::Sender<()> },
+    /// `--max-memory`: worker `pid` of slot `id` was seen at `rss` bytes, over the limit.
+    /// Recycle it gracefully (replacement online first), unless it is no longer that slot's
+    /// serving worker. No reply.
+    OverMemory { id: u32, pid: u32, rss: u64 },
 }
 
 /// Recipient of a [`Request::Send`].
@@ -148,6 +152,14 @@ impl ApiClient {
 
     pub async fn stop(&self) -> Result<(), ApiError> {
         self.call(|reply| Request::Stop { reply }).await
+    }
+
+    /// Reports a worker over `--max-memory` (see [`Request::OverMemory`]).
+    pub async fn over_memory(&self, id: u32, pid: u32, rss: u64) -> Result<(), ApiError> {
+        self.0
+            .send(Request::OverMemory { id, pid, rss })
+            .await
+            .map_err(|_| ApiError::Gone)
     }
 }
 
@@ -330,6 +342,7 @@ pub(crate) mod fake {
                         say("stop".into());
                         let _ = reply.send(());
                     }
+                    Request::OverMemory { id, .. } => say(format!("over memory {id}")),
                 }
             }
         });

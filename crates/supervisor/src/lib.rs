@@ -275,6 +275,30 @@ fn raise_fd_limit() {
     }
 }
 
+/// `--max-memory`: once a second, off the owner thread (the RSS is read from `/proc` by
+/// [`ApiClient::stats`] in this task), reports every online worker over the limit to the owner,
+/// which recycles it gracefully. Never returns (pending forever without a limit).
+async fn watch_memory(limit: Option<u64>, api: ApiClient) {
+    let Some(limit) = limit else {
+        return std::future::pending().await;
+    };
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Ok(stats) = api.stats().await else {
+            continue;
+        };
+        for w in &stats.workers {
+            if let (Some(pid), stats::WorkerState::Online) = (w.pid, w.state) {
+                if w.rss_bytes > limit {
+                    let _ = api.over_memory(w.id, pid, w.rss_bytes).await;
+                }
+            }
+        }
+    }
+}
+
 /// Starts the supervisor described by `cfg`.
 pub fn start(cfg: Config) -> Result<Handle, RunError> {
     start_with(cfg, Box::new(spawner::ProcessSpawner))
@@ -344,6 +368,8 @@ pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result
     // the owner's (accept path's) time; they reach the owner only through the ApiClient.
     // They end when the primary's thread drops `surfaces_stop` (as it ends, however it ends).
     let surfaces_api = api.clone();
+    let memory_api = api.clone();
+    let max_memory = cfg.max_memory;
     let (surfaces_stop, surfaces_stopped) = tokio::sync::oneshot::channel::<()>();
     let surfaces = std::thread::Builder::new()
         .name("roundhouse-admin".into())
@@ -378,6 +404,7 @@ pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result
                 };
                 tokio::select! {
                     () = surfaces => {}
+                    () = watch_memory(max_memory, memory_api) => {}
                     _ = surfaces_stopped => {}
                 }
             });

@@ -107,7 +107,38 @@ impl Primary {
                 let _ = reply.send(self.send_message(to, &message));
             }
             Request::Stop { reply } => self.begin_stop(Some(reply)),
+            Request::OverMemory { id, pid, rss } => self.over_memory(id, pid, rss),
         }
+    }
+
+    /// `--max-memory`: recycle slot `id`'s worker if it is still `pid` and serving, now or (while
+    /// a reload or another recycle runs) right after it.
+    fn over_memory(&mut self, id: u32, pid: u32, rss: u64) {
+        let Some(k) = self.pool.current_of(id) else {
+            return;
+        };
+        let reloading = self.ops.reload.is_some();
+        let Some(w) = self.pool.get_mut(k) else {
+            return;
+        };
+        if w.pid != pid || !matches!(w.life, Life::Online) || w.role != Role::Current {
+            return;
+        }
+        let limit = self.cfg.max_memory.unwrap_or(0);
+        if reloading {
+            // Due at the next tick after the running one (as a --max-requests recycle).
+            w.recycle_at = Some(0);
+            return;
+        }
+        w.recycle_at = None;
+        warn!(
+            worker.id = id,
+            worker.pid = pid,
+            rss_mib = rss >> 20,
+            limit_mib = limit >> 20,
+            "worker over --max-memory; recycling"
+        );
+        self.recycle((id - 1) as usize);
     }
 
     fn send_message(&mut self, to: Target, message: &serde_json::Value) -> Result<(), OpError> {
