@@ -329,28 +329,6 @@ fn clients_behind_one_proxy_address_spread_by_x_forwarded_for() {
     assert_eq!(by_ip.workers().len(), 1, "{:?}", by_ip.per_worker);
 }
 
-/// One `GET /` from source address `src` on a new connection: the `x-worker-id` that answered.
-fn worker_from(src: std::net::Ipv4Addr, addr: std::net::SocketAddr) -> u32 {
-    use std::io::{Read, Write};
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&std::net::SocketAddrV4::new(src, 0).into())
-        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-    s.connect(&addr.into()).unwrap();
-    let mut c: std::net::TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    out.lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("x-worker-id: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
-}
-
 /// The mechanism under the socket.io figures, with the plain Node app (no npm packages): many
 /// connections at once from each of 10 addresses. A Node worker takes one handed connection at
 /// a time (the next one once Node acknowledged the handle, `node/README.md` section 5), so it is
@@ -383,7 +361,7 @@ fn concurrent_connections_from_one_address_reach_one_node_worker() {
             std::thread::spawn(move || {
                 start.wait();
                 (0..5)
-                    .map(|_| (src, worker_from(src, addr)))
+                    .map(|_| (src, worker_from(src, addr, "")))
                     .collect::<Vec<_>>()
             })
         })

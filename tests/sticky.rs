@@ -8,29 +8,8 @@ mod common;
 use common::*;
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::Duration;
-
-/// One request from source address `src` on a new connection: the worker id that answered.
-fn from(src: Ipv4Addr, addr: SocketAddr) -> u32 {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddrV4::new(src, 0).into())
-        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
-    s.connect(&addr.into()).unwrap();
-    let mut c: TcpStream = s.into();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    out.lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("x-worker-id: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
-}
 
 fn sources(n: u8) -> Vec<Ipv4Addr> {
     (2..2 + n).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()
@@ -41,7 +20,7 @@ fn homes(addr: SocketAddr, srcs: &[Ipv4Addr], rounds: usize) -> BTreeMap<Ipv4Add
     let mut home = BTreeMap::new();
     for _ in 0..rounds {
         for &src in srcs {
-            let w = from(src, addr);
+            let w = worker_from(src, addr, "");
             let first = *home.entry(src).or_insert(w);
             assert_eq!(first, w, "{src} went to worker {w} after worker {first}");
         }
@@ -90,7 +69,7 @@ fn a_restarted_slot_gets_its_addresses_back_and_no_other_address_moves() {
     signal_pid(old, nix::sys::signal::Signal::SIGKILL);
     p.wait_for_log("worker exited", STARTUP);
     for &src in &srcs {
-        let w = from(src, p.addr());
+        let w = worker_from(src, p.addr(), "");
         if home[&src] == slot {
             // Served by another worker or by the restarted one; either way, served.
             let _ = w;
@@ -133,22 +112,11 @@ fn sticky_key_with_another_policy_is_a_usage_error() {
 
 /// One request with `X-Forwarded-For: xff` from 127.0.0.1: the worker id that answered.
 fn via_proxy(xff: &str, addr: SocketAddr) -> u32 {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(
-        c,
-        "GET / HTTP/1.1\r\nhost: x\r\nx-forwarded-for: {xff}, 10.255.0.1\r\nconnection: close\r\n\r\n"
+    worker_from(
+        Ipv4Addr::LOCALHOST,
+        addr,
+        &format!("x-forwarded-for: {xff}, 10.255.0.1\r\n"),
     )
-    .unwrap();
-    let mut out = String::new();
-    c.read_to_string(&mut out).unwrap();
-    out.lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("x-worker-id: ")
-                .map(|v| v.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
 }
 
 #[test]

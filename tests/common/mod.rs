@@ -2032,3 +2032,33 @@ pub fn output_within(cmd: &mut Command, timeout: Duration) -> Output {
         .unwrap_or_else(|e| panic!("could not spawn {what}: {e}"));
     ChildGuard::new(child).output_within(&what, timeout)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Requests from a chosen source address (sticky tests)
+// ---------------------------------------------------------------------------------------------
+
+/// One `GET /` on a new connection from source address `src` (a loopback address such as
+/// 127.0.0.7, bound before connecting), with `extra` header lines (each ending in `\r\n`):
+/// the `x-worker-id` that answered.
+pub fn worker_from(src: std::net::Ipv4Addr, addr: SocketAddr, extra: &str) -> u32 {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddrV4::new(src, 0).into())
+        .unwrap_or_else(|e| panic!("bind {src}: {e}"));
+    s.connect(&addr.into()).unwrap();
+    let mut c: TcpStream = s.into();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        c,
+        "GET / HTTP/1.1\r\nhost: x\r\n{extra}connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    out.lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("x-worker-id: ")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
+}
