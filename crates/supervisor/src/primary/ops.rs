@@ -69,6 +69,24 @@ pub(crate) struct Ops {
 }
 
 impl Ops {
+    /// Answers (with `result`) and forgets the scale-ups `which` selects.
+    fn answer_scales(
+        &mut self,
+        which: impl Fn(&ScaleWait) -> bool,
+        result: impl Fn(&ScaleWait) -> Result<(), OpError>,
+    ) {
+        let mut i = 0;
+        while i < self.scales.len() {
+            if which(&self.scales[i]) {
+                let w = self.scales.swap_remove(i);
+                let r = result(&w);
+                let _ = w.reply.send(r);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
     pub(super) fn stopping(&self) -> bool {
         matches!(self.phase, Phase::Stopping { .. })
     }
@@ -248,19 +266,13 @@ impl Primary {
     /// Answers the scale-ups whose every added slot is online (or gone).
     fn scale_progress(&mut self) {
         let pool = &self.pool;
-        let done = |id: &u32| {
-            let s = pool.slots().get((*id - 1) as usize);
-            s.is_none_or(|s| !s.wanted || (s.was_online && s.current.is_some()))
+        let done = |w: &ScaleWait| {
+            w.ids.iter().all(|id| {
+                let s = pool.slots().get((*id - 1) as usize);
+                s.is_none_or(|s| !s.wanted || (s.was_online && s.current.is_some()))
+            })
         };
-        let mut i = 0;
-        while i < self.ops.scales.len() {
-            if self.ops.scales[i].ids.iter().all(done) {
-                let w = self.ops.scales.swap_remove(i);
-                let _ = w.reply.send(Ok(()));
-            } else {
-                i += 1;
-            }
-        }
+        self.ops.answer_scales(done, |_| Ok(()));
     }
 
     pub(super) fn scale_slot_online(&mut self, _id: u32) {
@@ -269,17 +281,10 @@ impl Primary {
 
     /// Slot `id`'s worker exited before it was ever online: a scale-up waiting for it fails.
     pub(super) fn scale_slot_failed(&mut self, id: u32, status: ExitInfo) {
-        let mut i = 0;
-        while i < self.ops.scales.len() {
-            if self.ops.scales[i].ids.contains(&id) {
-                let w = self.ops.scales.swap_remove(i);
-                let _ = w
-                    .reply
-                    .send(Err(OpError::ExitedBeforeOnline { id, status }));
-            } else {
-                i += 1;
-            }
-        }
+        self.ops.answer_scales(
+            |w| w.ids.contains(&id),
+            |_| Err(OpError::ExitedBeforeOnline { id, status }),
+        );
     }
 
     fn begin_reload(&mut self, reply: Reply) {
@@ -300,13 +305,7 @@ impl Primary {
             info!("reloading workers one by one (after the running recycle)");
             notify::reloading();
             r.full = true;
-            r.queue = self
-                .pool
-                .slots()
-                .iter()
-                .filter(|s| s.wanted)
-                .map(|s| s.id)
-                .collect();
+            r.queue = self.pool.wanted_ids();
             r.replies.push(reply);
             return;
         }
@@ -316,15 +315,8 @@ impl Primary {
     fn start_reload(&mut self, replies: Vec<Reply>) {
         info!("reloading workers one by one");
         notify::reloading();
-        let queue = self
-            .pool
-            .slots()
-            .iter()
-            .filter(|s| s.wanted)
-            .map(|s| s.id)
-            .collect();
         self.ops.reload = Some(Reload {
-            queue,
+            queue: self.pool.wanted_ids(),
             step: None,
             replies,
             full: true,

@@ -247,6 +247,15 @@ impl Pool {
         }
     }
 
+    /// The ids of the wanted slots, in order (what a reload replaces).
+    pub(crate) fn wanted_ids(&self) -> VecDeque<u32> {
+        self.slots
+            .iter()
+            .filter(|s| s.wanted)
+            .map(|s| s.id)
+            .collect()
+    }
+
     /// The number of wanted slots (they are `1..=n`): what sticky keys are spread over.
     pub(crate) fn wanted_slots(&self) -> u32 {
         self.slots.iter().filter(|s| s.wanted).count() as u32
