@@ -50,8 +50,11 @@
   // is closed; one that sends a request first gets `Connection: close` on its response.
   const KEEPALIVE_GRACE_MS = 1000;
   // The app is told (disconnect, SIGTERM) once its HTTP connections are done, or this long after
-  // the drain began if some are still busy (a long download, server-sent events).
-  const TELL_APP_AFTER_MS = 5000;
+  // the drain began if some are still busy (a long download, server-sent events): 5 s, or half
+  // of the primary's --grace (ROUNDHOUSE_GRACE_MS) when that is shorter, so that the app's own
+  // SIGTERM handlers always get time to run before the worker is killed.
+  const GRACE_MS = Number(env.ROUNDHOUSE_GRACE_MS) || 0;
+  const TELL_APP_AFTER_MS = GRACE_MS > 0 ? Math.min(5000, Math.floor(GRACE_MS / 2)) : 5000;
   // A worker whose app has not listened by then is warned about (it is not online).
   const LISTEN_WARN_AFTER_MS = 5000;
   const SWEEP_EVERY_MS = 100;

@@ -1407,3 +1407,52 @@ fn https_keepalive_connection_is_drained_by_the_same_rule() {
     ));
     assert!(!rh.log().contains("connections lost"), "{}", rh.log());
 }
+
+/// With a `--grace` shorter than the shim's 5 s, a worker busy with a response that never ends
+/// (server-sent events) is still told in time: the shim tells the app at half of `--grace`
+/// (`ROUNDHOUSE_GRACE_MS`), so the app's own `SIGTERM` handler runs and the worker exits 0
+/// before it would be killed.
+#[test]
+fn a_short_grace_still_lets_the_apps_sigterm_handler_run() {
+    require_node!();
+    let dir = TempDir::new("grace");
+    let app = dir.0.join("app.js");
+    std::fs::write(
+        &app,
+        r#"
+const http = require('http');
+const server = http.createServer((req, res) => {
+  if (req.url === '/events') {
+    res.writeHead(200, { 'content-type': 'text/event-stream' });
+    res.write('data: hello\n\n');
+    return; // never ends
+  }
+  res.end('ok\n');
+}).listen(8000);
+process.on('SIGTERM', () => {
+  console.log(`app sigterm grace=${process.env.ROUNDHOUSE_GRACE_MS}`);
+  process.exit(0);
+});
+"#,
+    )
+    .unwrap();
+    let mut rh = Rh::start_with(&app, 1, "rr", &["--grace", "2s"]);
+    let old = rh.worker_pids()[&1];
+    let mut events = connect(rh.addr).expect("connect");
+    write_request(&mut events, "GET", "/events", false).expect("request");
+    let mut first = String::new();
+    events.read_line(&mut first).expect("status line");
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let out = rh.control(&["reload"]);
+    assert!(out.status.success(), "{out:?}");
+    let line = rh.wait_log("app sigterm");
+    assert!(line.contains("grace=2000"), "{line}");
+    let exit = rh.wait_line(
+        |l| l.contains("worker exited") && l.contains(&format!("worker.pid={old}")),
+        "the old worker's exit",
+    );
+    assert!(
+        exit.contains("exit code 0"),
+        "killed instead of exiting: {exit}"
+    );
+}

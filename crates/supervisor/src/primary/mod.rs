@@ -648,6 +648,12 @@ impl Primary {
                 "ROUNDHOUSE_HEARTBEAT_MS".into(),
                 heartbeat_ms.to_string().into(),
             ),
+            // How long a drain may take before the worker is killed (--grace), for workers
+            // that pace their own shutdown (the Node shim tells the app by half of it).
+            (
+                "ROUNDHOUSE_GRACE_MS".into(),
+                self.cfg.grace.as_millis().to_string().into(),
+            ),
         ];
         if self.cfg.plain {
             // No channel: nothing to announce but the listeners.
