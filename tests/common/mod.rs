@@ -1053,8 +1053,30 @@ pub fn roundhouse_with(args: &[&str], env: &[(&str, &str)], timeout: Duration) -
     let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("could not spawn {}: {e}", roundhouse_bin()));
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
+    // A leftover process holding the pipes would block the readers: kill tagged ones first.
+    let kill_tagged = || {
+        for pid in processes_tagged(&tag) {
+            signal_pid(pid, Signal::SIGKILL);
+        }
+    };
+    collect_within(&mut child, timeout, kill_tagged).unwrap_or_else(|_| {
+        panic!(
+            "`roundhouse {}` did not exit within {timeout:?}",
+            args.join(" ")
+        )
+    })
+}
+
+/// Waits at most `timeout` for `child` (stdout and stderr piped), reading both meanwhile; on
+/// timeout it is killed and reaped and `Err` carries what it printed. `before_join` runs before
+/// the readers are joined (to kill what else may hold the pipes).
+fn collect_within(
+    child: &mut Child,
+    timeout: Duration,
+    before_join: impl Fn(),
+) -> Result<Output, Output> {
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
     let out_t = thread::spawn(move || {
         let mut v = Vec::new();
         let _ = out.read_to_end(&mut v);
@@ -1068,29 +1090,23 @@ pub fn roundhouse_with(args: &[&str], env: &[(&str, &str)], timeout: Duration) -
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
+            break Ok(s);
         }
         if Instant::now() >= deadline {
             let _ = child.kill();
-            let _ = child.wait();
-            for pid in processes_tagged(&tag) {
-                signal_pid(pid, Signal::SIGKILL);
-            }
-            panic!(
-                "`roundhouse {}` did not exit within {timeout:?}",
-                args.join(" ")
-            );
+            break Err(child.wait().expect("wait"));
         }
         thread::sleep(Duration::from_millis(5));
     };
-    // A leftover process holding the pipes would block the readers: kill tagged ones first.
-    for pid in processes_tagged(&tag) {
-        signal_pid(pid, Signal::SIGKILL);
-    }
-    Output {
+    before_join();
+    let output = |status| Output {
         status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
+        stdout: out_t.join().unwrap_or_default(),
+        stderr: err_t.join().unwrap_or_default(),
+    };
+    match status {
+        Ok(s) => Ok(output(s)),
+        Err(s) => Err(output(s)),
     }
 }
 
@@ -1973,41 +1989,13 @@ impl ChildGuard {
     /// be piped). On timeout it is killed and reaped, and the test panics with what it printed.
     pub fn output_within(mut self, what: &str, timeout: Duration) -> Output {
         let mut child = self.child.take().expect("a child");
-        let mut out = child.stdout.take().expect("piped stdout");
-        let mut err = child.stderr.take().expect("piped stderr");
-        let out_t = thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = out.read_to_end(&mut v);
-            v
-        });
-        let err_t = thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = err.read_to_end(&mut v);
-            v
-        });
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(s) = child.try_wait().expect("try_wait") {
-                break s;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                let out = out_t.join().unwrap_or_default();
-                let err = err_t.join().unwrap_or_default();
-                panic!(
-                    "{what} did not exit within {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}",
-                    String::from_utf8_lossy(&out),
-                    String::from_utf8_lossy(&err)
-                );
-            }
-            thread::sleep(POLL);
-        };
-        Output {
-            status,
-            stdout: out_t.join().unwrap_or_default(),
-            stderr: err_t.join().unwrap_or_default(),
-        }
+        collect_within(&mut child, timeout, || {}).unwrap_or_else(|out| {
+            panic!(
+                "{what} did not exit within {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
     }
 }
 

@@ -427,6 +427,8 @@ impl Primary {
     fn accept_from(&mut self, i: usize) {
         let listener_index = i as u16;
         let now = Instant::now();
+        let sticky = self.cfg.policy == Policy::Sticky;
+        let peeks = self.peeks();
         for _ in 0..ACCEPT_BURST {
             if !self.dispatch.can_hold() {
                 break;
@@ -442,9 +444,13 @@ impl Primary {
                         listener: listener_index,
                         peer,
                         sent_at: now,
-                        key: dispatch::ip_key(peer.ip()),
+                        key: if sticky {
+                            dispatch::ip_key(peer.ip())
+                        } else {
+                            0
+                        },
                     };
-                    if self.peeks() {
+                    if peeks {
                         self.begin_peek(conn);
                     } else {
                         self.dispatch.hold(conn);
@@ -535,7 +541,8 @@ impl Primary {
                 return;
             }
             let now = Instant::now();
-            let sticky_slots = (policy == Policy::Sticky).then(|| self.pool.wanted_slots());
+            // The wanted slots are 1..=cfg.workers (scale keeps it so).
+            let sticky_slots = (policy == Policy::Sticky).then_some(self.cfg.workers);
             // Under sticky, a connection whose worker is online but busy right now (a Node
             // worker with a handle in flight, a full window) waits for it in the held queue,
             // where it does not hold up the others; after STICKY_WAIT it goes to its key's next

@@ -256,10 +256,6 @@ impl Pool {
             .collect()
     }
 
-    /// The number of wanted slots (they are `1..=n`): what sticky keys are spread over.
-    pub(crate) fn wanted_slots(&self) -> u32 {
-        self.slots.iter().filter(|s| s.wanted).count() as u32
-    }
     /// A worker reported more requests (and, without handoff, accepted connections).
     pub(crate) fn count_reported(&mut self, slot: u32, requests: u64, accepted: Option<u64>) {
         if let Some(s) = self.slots.get_mut((slot - 1) as usize) {
