@@ -485,21 +485,7 @@ fn gunicorn_with_bind_fd_3_serves_when_listen_fds_is_hidden() {
 
 /// Starts a primary under reuseport-rr, or `None` (printed) where the kernel refuses BPF.
 fn start_rr(venv: &std::path::Path, server: Server, extra: &[&str]) -> Option<Primary> {
-    let mut p = start(venv, server, "reuseport-rr", extra);
-    let ready = wait_until(STARTUP, Duration::from_millis(20), || {
-        p.count("ready workers=") > 0 || p.try_wait_exit(Duration::ZERO).is_some()
-    });
-    assert!(ready, "the primary neither got ready nor exited");
-    if p.count("ready workers=") == 0 {
-        let log = p.log();
-        assert!(
-            log.contains("this kernel cannot run reuseport-rr"),
-            "the primary exited:\n{log}"
-        );
-        eprintln!("skipped: the kernel refuses BPF here:\n{log}");
-        return None;
-    }
-    Some(p)
+    ready_unless_bpf_refused(start(venv, server, "reuseport-rr", extra))
 }
 
 /// Under reuseport-rr the kernel picks the listener in strict rotation, plain worker or not, and

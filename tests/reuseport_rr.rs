@@ -21,26 +21,7 @@ fn secs(n: u64) -> Duration {
 fn start_rr(workers: usize, extra: &[&str]) -> Option<Primary> {
     let mut args = vec!["--policy", "reuseport-rr"];
     args.extend(extra);
-    let mut p = Primary::builder().workers(workers).args(&args).start();
-    // Either every worker comes online, or the primary exits saying why.
-    let ready = wait_until(STARTUP, Duration::from_millis(20), || {
-        p.count("ready workers=") > 0 || p.try_wait_exit(Duration::ZERO).is_some()
-    });
-    assert!(
-        ready,
-        "the primary neither got ready nor exited:\n{}",
-        p.log()
-    );
-    if p.count("ready workers=") == 0 {
-        let log = p.log();
-        assert!(
-            log.contains("this kernel cannot run reuseport-rr"),
-            "the primary exited:\n{log}"
-        );
-        eprintln!("skipped: the kernel refuses BPF here:\n{log}");
-        return None;
-    }
-    Some(p)
+    ready_unless_bpf_refused(Primary::builder().workers(workers).args(&args).start())
 }
 
 /// Sequential requests, one connection each: who served them.

@@ -2050,3 +2050,31 @@ pub fn worker_from(src: std::net::Ipv4Addr, addr: SocketAddr, extra: &str) -> u3
         })
         .unwrap_or_else(|| panic!("no x-worker-id: {out:?}"))
 }
+
+// ---------------------------------------------------------------------------------------------
+// reuseport-rr
+// ---------------------------------------------------------------------------------------------
+
+/// Waits until a primary started with `--policy reuseport-rr` is ready (`Some`), or has exited
+/// because this kernel refuses BPF altogether (`None`, printed: the caller skips). Any other exit
+/// — a missing capability included — fails the test.
+pub fn ready_unless_bpf_refused(mut p: Primary) -> Option<Primary> {
+    let ready = wait_until(STARTUP, Duration::from_millis(20), || {
+        p.count("ready workers=") > 0 || p.try_wait_exit(Duration::ZERO).is_some()
+    });
+    assert!(
+        ready,
+        "the primary neither got ready nor exited:\n{}",
+        p.log()
+    );
+    if p.count("ready workers=") > 0 {
+        return Some(p);
+    }
+    let log = p.log();
+    assert!(
+        log.contains("this kernel cannot run reuseport-rr"),
+        "the primary exited:\n{log}"
+    );
+    eprintln!("skipped: the kernel refuses BPF here:\n{log}");
+    None
+}
