@@ -103,3 +103,30 @@ fn a_worker_that_writes_without_end_costs_lines_not_memory() {
         "the primary grew from {rss_before} KiB to {rss_max} KiB under a worker's output flood"
     );
 }
+
+/// Under `--log-format json` a worker's line is one JSON object with `worker.id` and `stream`.
+#[test]
+fn json_log_worker_lines_carry_worker_id_and_stream() {
+    let b = Primary::builder()
+        .workers(1)
+        .args(&["--log-format", "json"]);
+    let script = b.temp_dir().write_script(
+        "talk.sh",
+        &format!(
+            "#!/bin/sh\necho 'json from the worker'\nexec '{}'\n",
+            hello_worker()
+        ),
+    );
+    let p = b.cmd(&[script.display().to_string()]).start();
+    let line = p.wait_for_line("the worker's line", STARTUP, |l| {
+        l.contains("json from the worker")
+    });
+    let v: serde_json::Value = serde_json::from_str(&line.text)
+        .unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", line.text));
+    assert_eq!(v["fields"]["worker.id"], 1, "{v}");
+    assert_eq!(v["fields"]["stream"], "stdout", "{v}");
+    assert_eq!(
+        v["fields"]["message"], "worker 1 stdout| json from the worker",
+        "{v}"
+    );
+}
