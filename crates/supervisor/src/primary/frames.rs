@@ -12,8 +12,8 @@ use roundhouse_proto::frame::{self, Stats as WireStats};
 use roundhouse_proto::{Recipient, WorkerFrame};
 use tracing::{debug, error, info, warn};
 
-use super::lifecycle::{Life, Retire};
 use super::link::{Control, Queued};
+use super::pool::{Life, Retire};
 use super::{Primary, ProtocolError, REFUSE_COOLDOWN};
 use crate::config::Policy;
 use crate::events::Event;

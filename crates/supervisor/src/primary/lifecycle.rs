@@ -34,7 +34,7 @@ use tokio::io::Interest;
 use tracing::{error, info, warn};
 
 use super::link::{Control, Link};
-pub(crate) use super::pool::{Counters, Life, Pool, Retire, Role, Slot, Worker};
+use super::pool::{Counters, Life, Retire, Role, Slot, Worker};
 use super::{Primary, READ_ON_EXIT};
 use crate::config::Policy;
 use crate::events::{Event, ExitInfo};

@@ -62,8 +62,8 @@ use crate::events::Event;
 use crate::RunError;
 
 use dispatch::Dispatch;
-use lifecycle::{Life, Pool, Retire};
 use ops::Ops;
+use pool::{Life, Pool, Retire, Worker};
 
 /// Connections the primary holds while no worker can take them; past this it stops accepting
 /// and the kernel backlog holds the rest.
@@ -550,10 +550,7 @@ impl Primary {
             let mut at = 0;
             loop {
                 let pool = &self.pool;
-                let eligible = |k| {
-                    pool.get(k)
-                        .is_some_and(|w: &lifecycle::Worker| w.can_take(now))
-                };
+                let eligible = |k| pool.get(k).is_some_and(|w: &Worker| w.can_take(now));
                 let picked = match (sticky_slots, self.dispatch.held_at(at)) {
                     (Some(n), Some(c)) => {
                         let (key, may_wait) = (c.key, now.duration_since(c.sent_at) < STICKY_WAIT);

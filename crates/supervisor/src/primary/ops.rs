@@ -20,7 +20,7 @@ use roundhouse_proto::frame;
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
 
-use super::lifecycle::{Life, Retire, Role};
+use super::pool::{Life, Retire, Role};
 use super::Primary;
 use crate::api::{OpError, Request, Target};
 use crate::config::MAX_WORKERS;
