@@ -139,8 +139,9 @@ struct Accept {
     /// last `accept` failed for lack of fds. It ends at a drained backlog at least
     /// [`ACCEPT_BACKOFF`] after the last failure, or after a second of accepting without one.
     starved: Option<Instant>,
-    /// An `accept` succeeded since the last failure of the episode.
-    accepted_since_starved: bool,
+    /// An `accept` worked since the last failure of the episode: it returned a connection, or
+    /// found the backlog empty.
+    accept_worked_since_starved: bool,
 }
 
 pub(crate) struct Primary {
@@ -216,7 +217,7 @@ impl Primary {
                 on,
                 paused_until: None,
                 starved: None,
-                accepted_since_starved: false,
+                accept_worked_since_starved: false,
             },
             shared,
             dispatch: Dispatch::new(cfg.policy == Policy::LeastConn, MAX_HELD),
@@ -435,7 +436,7 @@ impl Primary {
             }
             match self.accept.on[i].try_io(Interest::READABLE, |l| l.accept()) {
                 Ok((stream, peer)) => {
-                    self.accept.accepted_since_starved = true;
+                    self.accept.accept_worked_since_starved = true;
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
                     let conn = Conn {
@@ -457,8 +458,10 @@ impl Primary {
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.accept.accept_worked_since_starved = true;
                     // The backlog drained without running out of fds (and not just between
-                    // two failures of a burst): the episode is over.
+                    // two failures of a burst): the episode is over. (Drained sooner, the tick
+                    // ends it a second after the last failure.)
                     if self
                         .accept
                         .starved
@@ -474,7 +477,7 @@ impl Primary {
                             warn!(listener.addr = %self.addrs[i], "could not accept: {e}; pausing accept until fds free up");
                         }
                         self.accept.starved = Some(now);
-                        self.accept.accepted_since_starved = false;
+                        self.accept.accept_worked_since_starved = false;
                         self.accept.paused_until = Some(now + ACCEPT_BACKOFF);
                         break;
                     }

@@ -428,9 +428,10 @@ impl Primary {
         if self.accept.paused_until.is_some_and(|t| t <= now) {
             self.accept.paused_until = None;
         }
-        // Accepting for a second without running out ends the episode (a backlog that never
-        // drains under steady load); a second of not even trying does not.
-        if self.accept.accepted_since_starved
+        // A second after the last failure, with accept working since (connections, or an empty
+        // backlog that no new client came to refill), the episode is over; a second of not
+        // even trying does not end it.
+        if self.accept.accept_worked_since_starved
             && self
                 .accept
                 .starved
