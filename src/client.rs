@@ -147,6 +147,22 @@ fn run_reload(control: &Path) -> Result<String, Failure> {
     Ok("reloaded\n".into())
 }
 
+/// `roundhouse upgrade`: answered by the new image once it serves (the pre-flight may take up
+/// to 10 s), or by the old one with why it keeps serving.
+pub fn upgrade(control: &Path) -> i32 {
+    finish(run_upgrade(control))
+}
+
+fn run_upgrade(control: &Path) -> Result<String, Failure> {
+    let answer = control::request_timeout(control, &json!({"cmd": "upgrade"}), LONG_TIMEOUT)?;
+    let pid = answer.get("pid").and_then(Value::as_u64).unwrap_or(0);
+    let version = answer.get("version").and_then(Value::as_str).unwrap_or("?");
+    let workers = answer.get("workers").and_then(Value::as_u64).unwrap_or(0);
+    Ok(format!(
+        "upgraded: primary {pid} now runs roundhouse {version} ({workers} workers carried over)\n"
+    ))
+}
+
 fn run_scale(control: &Path, workers: u32) -> Result<String, Failure> {
     if !(1..=MAX_WORKERS).contains(&workers) {
         return Err(Failure::usage(format!(

@@ -87,6 +87,15 @@ enum Command {
         #[arg(long, value_name = "PATH", env = "ROUNDHOUSE_CONTROL", help = CONTROL_HELP)]
         control: Option<PathBuf>,
     },
+    /// Replace the primary with the binary now at the path it was started from: same pid,
+    /// same workers and connections (as SIGUSR2).
+    Upgrade {
+        #[arg(long, value_name = "PATH", env = "ROUNDHOUSE_CONTROL", help = CONTROL_HELP)]
+        control: Option<PathBuf>,
+    },
+    /// Pre-flight of an upgrade: reads the state on stdin, says whether this binary takes it.
+    #[command(name = "upgrade-check", hide = true)]
+    UpgradeCheck,
 }
 
 /// `roundhouse run`. Each field's id (its name) is also what [`merge`] asks `value_source`
@@ -205,6 +214,10 @@ fn with_hints(mut e: clap::Error, args: &[OsString]) -> clap::Error {
 }
 
 fn main() -> ExitCode {
+    // The new image of an upgrade: no command line to parse, everything is in the state.
+    if let Some(state) = roundhouse_supervisor::upgrade::take_state() {
+        return resume(state);
+    }
     // An empty ROUNDHOUSE_CONTROL is unset (as for ROUNDHOUSE_SCHED_POLICY), not "a value is
     // required for --control". Still single-threaded here: nothing else reads the environment.
     if std::env::var_os("ROUNDHOUSE_CONTROL").is_some_and(|v| v.is_empty()) {
@@ -241,6 +254,17 @@ fn main() -> ExitCode {
             client::send(&control_or_default(control), &to, &json)
         }
         Command::Stop { control } => client::stop(&control_or_default(control)),
+        Command::Upgrade { control } => client::upgrade(&control_or_default(control)),
+        Command::UpgradeCheck => match roundhouse_supervisor::upgrade::check_stdin() {
+            Ok(line) => {
+                let _ = writeln!(std::io::stdout(), "{line}");
+                0
+            }
+            Err(why) => {
+                let _ = writeln!(std::io::stderr(), "{why}");
+                1
+            }
+        },
     };
     ExitCode::from(code.clamp(0, 255) as u8)
 }
@@ -368,12 +392,34 @@ fn run(args: RunArgs, m: &ArgMatches) -> ExitCode {
         Ok(s) => s,
         Err(msg) => return usage_error(msg),
     };
+    roundhouse_supervisor::upgrade::set_log_json(settings.log_format == Format::Json);
     let log = init_logging(settings.log_format);
     let code = match signals::run(settings.builder) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fatal(e),
     };
     drop(log); // flushed, the fatal line last; bounded if stderr is stuck
+    code
+}
+
+/// The new image of an upgrade: the same process, going on with the state the old image left.
+fn resume(state: Result<roundhouse_supervisor::upgrade::State, String>) -> ExitCode {
+    let json = state.as_ref().is_ok_and(|s| s.log_json);
+    let log = init_logging(if json { Format::Json } else { Format::Text });
+    let code = match state {
+        Ok(state) => match signals::run_resumed(state) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fatal(e),
+        },
+        Err(why) => {
+            // Nothing to go on with: the workers die with this process (PDEATHSIG).
+            roundhouse_log::line(&format!(
+                "roundhouse: upgrade failed in the new image: {why}"
+            ));
+            ExitCode::from(1)
+        }
+    };
+    drop(log);
     code
 }
 

@@ -53,6 +53,14 @@ pub enum Request {
     /// keeps the requesting connection open until the process exits, so the client can wait
     /// for the end.
     Stop { reply: oneshot::Sender<()> },
+    /// Replace the supervisor itself with the binary at the path it was started from (same pid,
+    /// same workers, same connections). `Err` if it is refused or the new binary cannot take
+    /// over (the old one keeps serving); on success there is no reply from this process: the
+    /// new image answers `client` (the control connection that asked), if any.
+    Upgrade {
+        client: Option<std::os::fd::OwnedFd>,
+        reply: oneshot::Sender<Result<(), OpError>>,
+    },
     /// `--max-memory`: worker `pid` of slot `id` was seen at `rss` bytes, over the limit.
     /// Recycle it gracefully (replacement online first), unless it is no longer that slot's
     /// serving worker. No reply.
@@ -85,6 +93,11 @@ pub enum OpError {
     NoSuchWorker(u32),
     #[error("message too large ({0} bytes)")]
     MessageTooLarge(usize),
+    /// An upgrade was refused or failed; the old primary keeps serving.
+    #[error("{0}")]
+    Upgrade(String),
+    #[error("an upgrade is in progress")]
+    Upgrading,
 }
 
 /// Why a request got no answer.
@@ -152,6 +165,14 @@ impl ApiClient {
 
     pub async fn stop(&self) -> Result<(), ApiError> {
         self.call(|reply| Request::Stop { reply }).await
+    }
+
+    /// Asks for an upgrade (see [`Request::Upgrade`]). Returns only if it was refused or
+    /// failed: on success this process is replaced before an answer could come back.
+    pub async fn upgrade(&self, client: Option<std::os::fd::OwnedFd>) -> Result<(), ApiError> {
+        self.call(|reply| Request::Upgrade { client, reply })
+            .await?
+            .map_err(ApiError::Failed)
     }
 
     /// Reports a worker over `--max-memory` (see [`Request::OverMemory`]).

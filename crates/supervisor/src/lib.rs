@@ -43,6 +43,7 @@ pub mod spawn;
 pub mod spawner;
 pub mod stats;
 mod sys;
+pub mod upgrade;
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -299,6 +300,126 @@ async fn watch_memory(limit: Option<u64>, api: ApiClient) {
     }
 }
 
+/// Starts the admin/control thread: the admin endpoint (if any), the control socket and the
+/// `--max-memory` watcher, on a current-thread runtime of their own so a scrape or a slow client
+/// never takes the owner's (accept path's) time; they reach the owner only through `api`.
+/// They end when the returned sender is dropped (as the primary ends, however it ends).
+fn spawn_surfaces(
+    admin: Option<std::net::TcpListener>,
+    control: std::os::unix::net::UnixListener,
+    api: ApiClient,
+    max_memory: Option<u64>,
+) -> std::io::Result<(
+    std::thread::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+)> {
+    let surfaces_api = api.clone();
+    let memory_api = api;
+    let (surfaces_stop, surfaces_stopped) = tokio::sync::oneshot::channel::<()>();
+    let surfaces = std::thread::Builder::new()
+        .name("roundhouse-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!("could not start the admin thread: {e}");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let surfaces = async move {
+                    if let Some(l) = admin {
+                        match tokio::net::TcpListener::from_std(l) {
+                            Ok(l) => {
+                                if let Ok(addr) = l.local_addr() {
+                                    tracing::info!(admin.addr = %addr, "admin listening");
+                                }
+                                tokio::spawn(admin::serve_admin(l, surfaces_api.clone()));
+                            }
+                            Err(e) => tracing::error!("could not serve the admin endpoint: {e}"),
+                        }
+                    }
+                    match tokio::net::UnixListener::from_std(control) {
+                        Ok(l) => control::serve_control(l, surfaces_api).await,
+                        Err(e) => tracing::error!("could not serve the control socket: {e}"),
+                    }
+                };
+                tokio::select! {
+                    () = surfaces => {}
+                    () = watch_memory(max_memory, memory_api) => {}
+                    _ = surfaces_stopped => {}
+                }
+            });
+        })?;
+    Ok((surfaces, surfaces_stop))
+}
+
+/// The new image of an upgrade, ready to go on: see [`resume`].
+pub struct Resumed {
+    api: ApiClient,
+    primary: primary::Primary,
+    client: Option<std::os::fd::OwnedFd>,
+    surfaces: std::thread::JoinHandle<()>,
+    surfaces_stop: tokio::sync::oneshot::Sender<()>,
+    control_path: PathBuf,
+    node_shim: Option<PathBuf>,
+}
+
+/// In the new image of an upgrade: takes over everything the old image described in `state`.
+/// Call it on the thread that executed the new image (the one that forked the workers: see
+/// [`upgrade`]), inside a current-thread tokio runtime, then [`Resumed::run`] there.
+pub fn resume(state: upgrade::State) -> Result<Resumed, RunError> {
+    upgrade::set_log_json(state.log_json);
+    let control_path = state.control_path.clone();
+    let node_shim = state.node_shim_written.clone();
+    let (api, rx) = api::channel(64);
+    let (events, _) = broadcast::channel(1024);
+    let restored = primary::Primary::restore(state, rx, events, Box::new(spawner::ProcessSpawner))?;
+    let max_memory = restored.primary.max_memory();
+    let (surfaces, surfaces_stop) =
+        spawn_surfaces(restored.admin, restored.control, api.clone(), max_memory)?;
+    Ok(Resumed {
+        api,
+        primary: restored.primary,
+        client: restored.client,
+        surfaces,
+        surfaces_stop,
+        control_path,
+        node_shim,
+    })
+}
+
+impl Resumed {
+    /// Sends requests to the primary (the binary's signal handlers).
+    pub fn api(&self) -> ApiClient {
+        self.api.clone()
+    }
+
+    /// Runs the primary on this thread until it stops.
+    pub async fn run(self) -> Result<(), RunError> {
+        let Resumed {
+            primary,
+            client,
+            surfaces,
+            surfaces_stop,
+            control_path,
+            node_shim,
+            ..
+        } = self;
+        let result = primary.run_upgraded(client).await;
+        let _ = std::fs::remove_file(&control_path);
+        if let Some(shim) = node_shim {
+            node::remove_shim(&shim);
+        }
+        drop(surfaces_stop);
+        let _ = surfaces.join();
+        result
+    }
+}
+
 /// Starts the supervisor described by `cfg`.
 pub fn start(cfg: Config) -> Result<Handle, RunError> {
     start_with(cfg, Box::new(spawner::ProcessSpawner))
@@ -360,55 +481,21 @@ pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result
         cfg.node_shim = Some(path.clone());
         written_shim = Some(path);
     }
+    let surfaces_fds = primary::Surfaces {
+        self_exe: std::env::current_exe().ok(),
+        admin: admin
+            .as_ref()
+            .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))
+            .transpose()?,
+        control: Some(control.try_clone()?.into()),
+        control_path: control_path.clone(),
+        node_shim_written: written_shim.clone(),
+    };
     let (api, rx) = api::channel(64);
     let (events, first_events) = broadcast::channel(1024);
     let (done_tx, done) = tokio::sync::oneshot::channel();
     let thread_events = events.clone();
-    // Admin and control run on a thread of their own so a scrape or a slow client never takes
-    // the owner's (accept path's) time; they reach the owner only through the ApiClient.
-    // They end when the primary's thread drops `surfaces_stop` (as it ends, however it ends).
-    let surfaces_api = api.clone();
-    let memory_api = api.clone();
-    let max_memory = cfg.max_memory;
-    let (surfaces_stop, surfaces_stopped) = tokio::sync::oneshot::channel::<()>();
-    let surfaces = std::thread::Builder::new()
-        .name("roundhouse-admin".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!("could not start the admin thread: {e}");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let surfaces = async move {
-                    if let Some(l) = admin {
-                        match tokio::net::TcpListener::from_std(l) {
-                            Ok(l) => {
-                                if let Ok(addr) = l.local_addr() {
-                                    tracing::info!(admin.addr = %addr, "admin listening");
-                                }
-                                tokio::spawn(admin::serve_admin(l, surfaces_api.clone()));
-                            }
-                            Err(e) => tracing::error!("could not serve the admin endpoint: {e}"),
-                        }
-                    }
-                    match tokio::net::UnixListener::from_std(control) {
-                        Ok(l) => control::serve_control(l, surfaces_api).await,
-                        Err(e) => tracing::error!("could not serve the control socket: {e}"),
-                    }
-                };
-                tokio::select! {
-                    () = surfaces => {}
-                    () = watch_memory(max_memory, memory_api) => {}
-                    _ = surfaces_stopped => {}
-                }
-            });
-        })?;
+    let (surfaces, surfaces_stop) = spawn_surfaces(admin, control, api.clone(), cfg.max_memory)?;
     let thread = std::thread::Builder::new()
         .name("roundhouse-primary".into())
         .spawn(move || {
@@ -418,8 +505,15 @@ pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result
                 .enable_all()
                 .build()?;
             let result = rt.block_on(async move {
-                let primary =
-                    primary::Primary::new(cfg, exe, listeners, rx, thread_events, spawner)?;
+                let primary = primary::Primary::new(
+                    cfg,
+                    exe,
+                    listeners,
+                    rx,
+                    thread_events,
+                    spawner,
+                    surfaces_fds,
+                )?;
                 primary.run().await
             });
             let _ = std::fs::remove_file(&control_path);

@@ -44,18 +44,28 @@ struct Pipe {
     pid: u32,
     stream: Stream,
     fd: OwnedFd,
+    /// The start of a line read before an upgrade, not logged yet.
+    partial: Vec<u8>,
+}
+
+enum Msg {
+    Pipe(Pipe),
+    /// Stop reading and report every pipe (an upgrade is about to exec); the pipes stay open.
+    Pause(std::sync::mpsc::Sender<Vec<crate::upgrade::CarriedPipe>>),
+    /// The upgrade failed: read the paused pipes again.
+    Resume,
 }
 
 /// The owner's handle: hands pipes to the output thread.
 pub(crate) struct Output {
-    tx: mpsc::UnboundedSender<Pipe>,
+    tx: mpsc::UnboundedSender<Msg>,
 }
 
 impl Output {
     /// Starts the output thread. It ends once this handle is dropped and every pipe it reads
     /// has reached end-of-file.
     pub(crate) fn start() -> io::Result<Output> {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Pipe>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()?;
@@ -63,11 +73,27 @@ impl Output {
             .name("roundhouse-output".into())
             .spawn(move || {
                 rt.block_on(async move {
+                    let (pause_tx, pause_rx) = tokio::sync::watch::channel(false);
                     let mut readers = tokio::task::JoinSet::new();
+                    let mut paused: Vec<Pipe> = Vec::new();
                     loop {
                         tokio::select! {
-                            pipe = rx.recv() => match pipe {
-                                Some(p) => { readers.spawn(relay(p)); }
+                            msg = rx.recv() => match msg {
+                                Some(Msg::Pipe(p)) if *pause_tx.borrow() => paused.push(p),
+                                Some(Msg::Pipe(p)) => { readers.spawn(relay(p, pause_rx.clone())); }
+                                Some(Msg::Pause(reply)) => {
+                                    let _ = pause_tx.send(true);
+                                    while let Some(r) = readers.join_next().await {
+                                        paused.extend(r.ok().flatten());
+                                    }
+                                    let _ = reply.send(paused.iter().map(Pipe::carried).collect());
+                                }
+                                Some(Msg::Resume) => {
+                                    let _ = pause_tx.send(false);
+                                    for p in paused.drain(..) {
+                                        readers.spawn(relay(p, pause_rx.clone()));
+                                    }
+                                }
                                 None => break,
                             },
                             Some(_) = readers.join_next(), if !readers.is_empty() => {}
@@ -81,36 +107,88 @@ impl Output {
 
     /// Captures `fd` (the read end of worker `id`'s `stream` pipe).
     pub(crate) fn capture(&self, id: u32, pid: u32, stream: Stream, fd: OwnedFd) {
-        let _ = self.tx.send(Pipe {
+        self.capture_with(id, pid, stream, fd, Vec::new());
+    }
+
+    /// As [`Output::capture`], with the start of a line read before an upgrade.
+    pub(crate) fn capture_with(
+        &self,
+        id: u32,
+        pid: u32,
+        stream: Stream,
+        fd: OwnedFd,
+        partial: Vec<u8>,
+    ) {
+        let _ = self.tx.send(Msg::Pipe(Pipe {
             id,
             pid,
             stream,
             fd,
-        });
+            partial,
+        }));
+    }
+
+    /// Stops reading every pipe (they stay open) and lists them, for an upgrade. `None` if the
+    /// output thread did not answer in time.
+    pub(crate) fn pause(&self) -> Option<Vec<crate::upgrade::CarriedPipe>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(Msg::Pause(tx)).ok()?;
+        rx.recv_timeout(std::time::Duration::from_secs(2)).ok()
+    }
+
+    /// Reads the paused pipes again (the upgrade did not happen).
+    pub(crate) fn resume(&self) {
+        let _ = self.tx.send(Msg::Resume);
     }
 }
 
-/// Reads one pipe to its end, one log event per line.
-async fn relay(pipe: Pipe) {
+impl Pipe {
+    fn carried(&self) -> crate::upgrade::CarriedPipe {
+        use std::os::fd::AsRawFd;
+        crate::upgrade::CarriedPipe {
+            id: self.id,
+            pid: self.pid,
+            stderr: self.stream == Stream::Stderr,
+            fd: self.fd.as_raw_fd(),
+            partial: self.partial.clone(),
+        }
+    }
+}
+
+/// Reads one pipe to its end, one log event per line; or, when `pause` turns true, stops and
+/// returns the pipe (with the start of a line not logged yet).
+async fn relay(pipe: Pipe, mut pause: tokio::sync::watch::Receiver<bool>) -> Option<Pipe> {
     let Pipe {
         id,
         pid,
         stream,
         fd,
+        partial,
     } = pipe;
     let p = Source { id, pid, stream };
     let Ok(mut rx) = tokio::net::unix::pipe::Receiver::from_owned_fd(fd) else {
-        return;
+        return None;
     };
-    let mut lines = Lines::default();
+    let mut lines = Lines {
+        partial,
+        skipping: false,
+    };
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        match rx.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => lines.feed(&buf[..n], |line, cut| emit(&p, line, cut)),
+        tokio::select! {
+            biased;
+            _ = pause.wait_for(|&p| p) => {
+                let fd = rx.into_nonblocking_fd().ok()?;
+                return Some(Pipe { id, pid, stream, fd, partial: std::mem::take(&mut lines.partial) });
+            }
+            r = rx.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => lines.feed(&buf[..n], |line, cut| emit(&p, line, cut)),
+            },
         }
     }
     lines.finish(|line, cut| emit(&p, line, cut));
+    None
 }
 
 /// Whose line it is.

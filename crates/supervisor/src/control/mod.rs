@@ -84,6 +84,7 @@ pub enum ControlRequest {
     Scale { workers: u32 },
     Send { to: Value, message: Value },
     Stop,
+    Upgrade,
 }
 
 /// `$XDG_RUNTIME_DIR/roundhouse.sock` when `XDG_RUNTIME_DIR` is set (absolute, non-empty),
@@ -276,7 +277,13 @@ async fn serve_client(
             return;
         } // else: the last line, without its newline; answer it all the same
 
-        let (response, stopping) = answer(&line, &api).await;
+        // An upgrade that works is answered by the new image, on a copy of this connection.
+        let client = || {
+            use std::os::fd::AsFd;
+            let stream: &UnixStream = write_half.as_ref();
+            stream.as_fd().try_clone_to_owned().ok()
+        };
+        let (response, stopping) = answer(&line, &api, client).await;
         if write_line(&mut write_half, &response).await.is_err() {
             return;
         }
@@ -331,7 +338,11 @@ struct StatusResponse<'a> {
 
 /// Parses one request line, asks the owner, and returns the response line and whether a stop
 /// was accepted.
-async fn answer(line: &[u8], api: &ApiClient) -> (Vec<u8>, bool) {
+async fn answer(
+    line: &[u8],
+    api: &ApiClient,
+    client: impl FnOnce() -> Option<std::os::fd::OwnedFd>,
+) -> (Vec<u8>, bool) {
     let request: ControlRequest = match serde_json::from_slice(line) {
         Ok(request) => request,
         Err(err) => return (error_response(&format!("bad request: {err}")), false),
@@ -375,6 +386,11 @@ async fn answer(line: &[u8], api: &ApiClient) -> (Vec<u8>, bool) {
         ControlRequest::Stop => match api.stop().await {
             Ok(()) => (ok_response(), true),
             Err(err) => (api_err(err), false),
+        },
+        ControlRequest::Upgrade => match api.upgrade(client()).await {
+            // Not reached when the upgrade works: the new image answers.
+            Ok(()) => (ok_response(), false),
+            Err(err) => (error_response(&format!("upgrade failed: {err}")), false),
         },
     }
 }

@@ -89,6 +89,25 @@ impl NodeCodec {
         Self::default()
     }
 
+    /// What an upgrade carries: the bytes not yet consumed, the handle in flight, the count of
+    /// warnings logged.
+    pub(crate) fn carried(&self) -> crate::upgrade::CarriedNode {
+        crate::upgrade::CarriedNode {
+            buf: self.buf[self.start..].to_vec(),
+            in_flight: self.in_flight,
+            warnings: self.warnings,
+        }
+    }
+
+    pub(crate) fn from_carried(c: crate::upgrade::CarriedNode) -> Self {
+        NodeCodec {
+            buf: c.buf,
+            start: 0,
+            in_flight: c.in_flight,
+            warnings: c.warnings,
+        }
+    }
+
     /// The connection whose handle is in flight, if any. While one is, no other may be sent.
     pub fn handle_in_flight(&self) -> Option<u64> {
         self.in_flight

@@ -70,6 +70,19 @@ impl<C> Dispatch<C> {
     pub(crate) fn take_held(&mut self, i: usize) -> Option<C> {
         self.held.remove(i)
     }
+    /// Every held connection, the next to go first (an upgrade carries them).
+    pub(crate) fn held(&self) -> impl Iterator<Item = &C> {
+        self.held.iter()
+    }
+
+    /// Where the rotation is (`rr`: the index of the next worker), so an upgrade goes on from
+    /// there.
+    pub(crate) fn cursor(&self) -> usize {
+        self.cursor
+    }
+    pub(crate) fn set_cursor(&mut self, cursor: usize) {
+        self.cursor = cursor;
+    }
 
     // ----- the rotation --------------------------------------------------------------------
 
@@ -220,6 +233,17 @@ impl Default for KeySketch {
 }
 
 impl KeySketch {
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// A sketch from [`KeySketch::bytes`] (an upgrade); anything else is an empty sketch.
+    pub(crate) fn from_bytes(b: &[u8]) -> KeySketch {
+        let mut s = KeySketch::default();
+        if b.len() == s.0.len() {
+            s.0.copy_from_slice(b);
+        }
+        s
+    }
     pub(crate) fn add(&mut self, key: u64) {
         let h = mix(key ^ 0x5bd1_e995);
         let idx = (h >> 56) as usize;

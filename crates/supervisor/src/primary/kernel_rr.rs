@@ -24,22 +24,46 @@ pub(crate) struct KernelRotation {
     groups: Vec<RrGroup>,
     /// Per slot id: the count at the last `/stats/reset`.
     baseline: Vec<u64>,
+    /// Per slot id: what the groups of the image before an upgrade had counted.
+    carried: Vec<u64>,
 }
 
 impl KernelRotation {
     /// Loads the program for every address and attaches it to the group through `first`, one
     /// listening socket per address (slot 1's).
     pub(crate) fn new(first: &[TcpListener]) -> Result<KernelRotation, BpfError> {
-        let mut groups = Vec::with_capacity(first.len());
-        for l in first {
-            let g = RrGroup::new(MAX_WORKERS + 1)?;
-            g.attach(l.as_fd())?;
-            groups.push(g);
+        let kr = KernelRotation::loaded(first.len())?;
+        kr.attach(first)?;
+        Ok(kr)
+    }
+
+    /// Loads the program for `addrs` addresses, attached nowhere yet.
+    pub(crate) fn loaded(addrs: usize) -> Result<KernelRotation, BpfError> {
+        let mut groups = Vec::with_capacity(addrs);
+        for _ in 0..addrs {
+            groups.push(RrGroup::new(MAX_WORKERS + 1)?);
         }
         Ok(KernelRotation {
             groups,
             baseline: vec![0; MAX_WORKERS as usize + 1],
+            carried: vec![0; MAX_WORKERS as usize + 1],
         })
+    }
+
+    /// Makes the programs the groups' selectors. After an upgrade this replaces the old image's
+    /// programs in one step per address (their rotation must be synced first).
+    pub(crate) fn attach(&self, first: &[TcpListener]) -> Result<(), BpfError> {
+        for (g, l) in self.groups.iter().zip(first) {
+            g.attach(l.as_fd())?;
+        }
+        Ok(())
+    }
+
+    /// An upgrade: slot `id` had been given `n` connections by the old image's programs.
+    pub(crate) fn carry_count(&mut self, id: u32, n: u64) {
+        if let Some(c) = self.carried.get_mut(id as usize) {
+            *c = n;
+        }
     }
 
     /// Makes the rotation exactly `online`: (slot id, that slot's listeners in `-l` order).
@@ -61,6 +85,7 @@ impl KernelRotation {
     pub(crate) fn connections(&self, id: u32) -> u64 {
         self.total(id)
             .saturating_sub(self.baseline.get(id as usize).copied().unwrap_or(0))
+            + self.carried.get(id as usize).copied().unwrap_or(0)
     }
 
     fn total(&self, id: u32) -> u64 {
@@ -72,6 +97,7 @@ impl KernelRotation {
         for id in 0..self.baseline.len() {
             self.baseline[id] = self.total(id as u32);
         }
+        self.carried.iter_mut().for_each(|c| *c = 0);
     }
 }
 

@@ -367,3 +367,40 @@ impl Link {
         true
     }
 }
+
+// ----- upgrade -------------------------------------------------------------------------------
+
+impl Link {
+    /// What an upgrade carries of this link (fds by number). The batch is empty between
+    /// wake-ups: dispatch flushes it or gives it back.
+    pub(crate) fn carry(&self, now: Instant) -> crate::upgrade::CarriedLink {
+        debug_assert!(self.batch.is_empty());
+        crate::upgrade::CarriedLink {
+            fd: self.chan.get_ref().as_raw_fd(),
+            node: self.node.as_deref().map(NodeCodec::carried),
+            inflight: self.inflight.iter().map(|c| c.carry(now)).collect(),
+            write_blocked: self.write_blocked,
+            outbox: self.outbox.iter().cloned().collect(),
+            stalled_ms_ago: self.outbox_since.map(|t| crate::upgrade::ms_since(t, now)),
+            dropping_messages: self.dropping_messages,
+        }
+    }
+
+    /// The link an upgrade carried, its fds adopted.
+    pub(crate) fn restore(c: crate::upgrade::CarriedLink, now: Instant) -> io::Result<Link> {
+        let chan = crate::upgrade::adopt(c.fd);
+        let mut link = Link::new(chan, false)?;
+        link.node = c.node.map(|n| Box::new(NodeCodec::from_carried(n)));
+        link.inflight = c
+            .inflight
+            .into_iter()
+            .map(|c| Conn::adopt(c, now))
+            .collect();
+        link.write_blocked = c.write_blocked;
+        link.outbox_bytes = c.outbox.iter().map(Vec::len).sum();
+        link.outbox = c.outbox.into();
+        link.outbox_since = c.stalled_ms_ago.map(|ms| crate::upgrade::before(now, ms));
+        link.dropping_messages = c.dropping_messages;
+        Ok(link)
+    }
+}

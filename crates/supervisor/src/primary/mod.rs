@@ -30,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+mod carry;
 mod dispatch;
 mod frames;
 mod kernel_rr;
@@ -61,6 +62,7 @@ use crate::config::{Config, Policy};
 use crate::events::Event;
 use crate::RunError;
 
+pub(crate) use carry::Surfaces;
 use dispatch::Dispatch;
 use ops::Ops;
 use pool::{Life, Pool, Retire, Worker};
@@ -129,6 +131,8 @@ enum Wake {
     Accept(usize),
     Peek(usize),
     Start,
+    /// The pre-flight of an upgrade answered.
+    Upgrade(Result<String, String>),
 }
 
 /// The listeners the primary accepts on (handoff policies) and the fd-exhaustion pause.
@@ -183,6 +187,10 @@ pub(crate) struct Primary {
     recv_buf: Box<[u8]>,
     recv_fds: Vec<OwnedFd>,
     poll_start: usize,
+    /// What an upgrade needs besides the loop's own state.
+    surfaces: Surfaces,
+    /// An upgrade whose pre-flight runs.
+    upgrade: Option<carry::Pending>,
 }
 
 impl Primary {
@@ -193,6 +201,7 @@ impl Primary {
         requests: mpsc::Receiver<Request>,
         events: broadcast::Sender<Event>,
         spawner: Box<dyn crate::spawner::Spawner>,
+        surfaces: Surfaces,
     ) -> io::Result<Self> {
         let addrs: Vec<SocketAddr> = listeners
             .iter()
@@ -242,6 +251,8 @@ impl Primary {
             recv_buf: vec![0u8; MAX_FRAME].into_boxed_slice(),
             recv_fds: Vec::with_capacity(CONNS_MAX + 8),
             poll_start: 0,
+            surfaces,
+            upgrade: None,
             cfg,
         })
     }
@@ -271,6 +282,16 @@ impl Primary {
             // kernel would queue connections on them that nobody accepts).
             self.shared.clear();
         }
+        self.serve().await
+    }
+
+    /// The new image of an upgrade: goes on where the old one stopped.
+    pub(crate) async fn run_upgraded(mut self, client: Option<OwnedFd>) -> Result<(), RunError> {
+        self.upgraded(client);
+        self.serve().await
+    }
+
+    async fn serve(mut self) -> Result<(), RunError> {
         loop {
             let wake = poll_fn(|cx| self.poll_wake(cx)).await;
             match wake {
@@ -286,6 +307,7 @@ impl Primary {
                 Wake::Writable(k) => self.on_writable(k),
                 Wake::Accept(i) => self.accept_from(i),
                 Wake::Peek(i) => self.on_peek(i),
+                Wake::Upgrade(r) => self.on_upgrade_checked(r),
                 Wake::Start => {
                     self.run_due_starts();
                     // Starting is the one wake-up that needs no I/O readiness, so it could stay
@@ -320,6 +342,11 @@ impl Primary {
         }
         if self.sigchld.poll_recv(cx).is_ready() {
             return Poll::Ready(Wake::Child);
+        }
+        if let Some(p) = &mut self.upgrade {
+            if let Poll::Ready(r) = p.poll_checked(cx) {
+                return Poll::Ready(Wake::Upgrade(r));
+            }
         }
         if self.tick.poll_tick(cx).is_ready() {
             return Poll::Ready(Wake::Tick);
@@ -360,6 +387,10 @@ impl Primary {
             return Poll::Ready(Wake::Start);
         }
         Poll::Pending
+    }
+
+    pub(crate) fn max_memory(&self) -> Option<u64> {
+        self.cfg.max_memory
     }
 
     fn can_accept(&self) -> bool {

@@ -91,7 +91,11 @@ impl Ops {
         matches!(self.phase, Phase::Stopping { .. })
     }
     pub(super) fn reloading(&self) -> bool {
-        self.reload.is_some()
+        self.reload.is_some() || !self.next_reload.is_empty()
+    }
+    /// A scale-up waits for its workers.
+    pub(super) fn scaling(&self) -> bool {
+        !self.scales.is_empty()
     }
     /// Answers everyone waiting for the stop.
     pub(super) fn finish_stop(&mut self) {
@@ -119,8 +123,12 @@ impl Primary {
                 }
                 let _ = reply.send(());
             }
+            Request::Reload { reply } | Request::Scale { reply, .. } if self.upgrade.is_some() => {
+                let _ = reply.send(Err(OpError::Upgrading));
+            }
             Request::Reload { reply } => self.begin_reload(reply),
             Request::Scale { workers, reply } => self.scale(workers, reply),
+            Request::Upgrade { client, reply } => self.begin_upgrade(client, reply),
             Request::Send { to, message, reply } => {
                 let _ = reply.send(self.send_message(to, &message));
             }
@@ -184,6 +192,7 @@ impl Primary {
             self.kill_all();
             return;
         }
+        self.cancel_upgrade(crate::api::OpError::Stopping);
         info!("stopping: draining workers");
         notify::notify("STOPPING=1");
         let waiting: Vec<Reply> = self

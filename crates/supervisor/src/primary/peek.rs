@@ -67,6 +67,11 @@ impl Peeking {
         })
     }
 
+    /// The connection waiting (an upgrade carries it and waits again in the new image).
+    pub(crate) fn conn(&self) -> &Conn {
+        &self.conn
+    }
+
     pub(crate) fn poll_ready(&self, cx: &mut Context<'_>) -> bool {
         self.fd.poll_read_ready(cx).is_ready()
     }

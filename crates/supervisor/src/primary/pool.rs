@@ -163,6 +163,13 @@ pub(crate) struct Slot {
     pub(crate) keys: super::dispatch::KeySketch,
 }
 
+impl Slot {
+    /// Its pending start, if any: when, and whether it is a restart (an upgrade carries it).
+    pub(crate) fn pending_start(&self) -> Option<(Instant, bool)> {
+        self.start.as_ref().map(|st| (st.at, st.restart))
+    }
+}
+
 /// The slots and the worker table. Workers are named by their key (index) in the table.
 #[derive(Default)]
 pub(crate) struct Pool {
@@ -206,6 +213,19 @@ impl Pool {
         let w = self.workers.get_mut(k)?.take()?;
         self.free.push(k);
         Some(w)
+    }
+
+    /// Puts each worker back at its key (an upgrade: slots name their worker by key).
+    pub(crate) fn restore(&mut self, workers: Vec<(usize, Worker)>) {
+        let len = workers.iter().map(|(k, _)| k + 1).max().unwrap_or(0);
+        self.workers = (0..len).map(|_| None).collect();
+        for (k, w) in workers {
+            self.workers[k] = Some(w);
+        }
+        self.free = (0..len)
+            .rev()
+            .filter(|&k| self.workers[k].is_none())
+            .collect();
     }
 
     pub(crate) fn slots(&self) -> &[Slot] {
