@@ -332,6 +332,7 @@ fn merge(args: RunArgs, m: &ArgMatches) -> Result<Settings, String> {
         file.heartbeat_timeout,
     );
     let mut builder = Builder::new(program)
+        .upgradable(true)
         .args(cmd_args)
         .policy(policy)
         .grace(pick(given("grace"), args.grace, file.grace))

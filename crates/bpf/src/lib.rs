@@ -223,6 +223,9 @@ pub struct RrGroup {
     ring: OwnedFd,
     /// Socket cookie → slot, for the program to tell which slot a migrating connection leaves.
     origins: OwnedFd,
+    /// The state and counter maps (mapped in `counters`; kept so an upgrade can carry them).
+    state: OwnedFd,
+    counts: OwnedFd,
     counters: RrCounters,
     max_slots: u32,
     /// Mirror of `ring[1..=n]`: the online slots in rotation order.
@@ -310,14 +313,14 @@ impl RrGroup {
             origins: origins.as_fd(),
         });
         let (prog, verifier_stats) = load(&insns, "rh_reuseport_rr")?;
-        // The program holds its own references to the maps; the mappings hold theirs. The
-        // state and counts fds are no longer needed (dropped here).
         let n = max_slots as usize;
         Ok(RrGroup {
             prog,
             socks,
             ring,
             origins,
+            state: state_map,
+            counts: counts_map,
             counters: RrCounters {
                 state: Arc::new(state),
                 counts: Arc::new(counts),
@@ -330,6 +333,82 @@ impl RrGroup {
             listed: vec![false; n],
             verifier_stats,
         })
+    }
+
+    /// What crosses an `execve` (an in-place upgrade of the program that owns the group): the
+    /// fds of the program and its maps, and the mirror of the rotation. The program stays
+    /// attached and keeps steering meanwhile; [`RrGroup::adopt`] takes it over on the other side.
+    pub fn carry(&self) -> RrCarry {
+        RrCarry {
+            fds: [
+                self.prog.as_raw_fd(),
+                self.socks.as_raw_fd(),
+                self.ring.as_raw_fd(),
+                self.origins.as_raw_fd(),
+                self.state.as_raw_fd(),
+                self.counts.as_raw_fd(),
+            ],
+            max_slots: self.max_slots,
+            members: self
+                .order
+                .iter()
+                .map(|&slot| (slot, self.cookie[slot as usize]))
+                .collect(),
+        }
+    }
+
+    /// The group [`RrGroup::carry`] described, from its fds (in the same order) and rotation.
+    /// The counters are mapped again; the program, still attached, is not touched.
+    pub fn adopt(
+        fds: [OwnedFd; 6],
+        max_slots: u32,
+        members: &[(u32, u64)],
+    ) -> Result<RrGroup, BpfError> {
+        if max_slots == 0 || max_slots > MAX_SLOTS {
+            return Err(BpfError::BadMaxSlots(max_slots));
+        }
+        let [prog, socks, ring, origins, state_map, counts_map] = fds;
+        let state = MapView::new(state_map.as_fd(), STATE_VALUE_SIZE as usize).map_err(|err| {
+            BpfError::Sys {
+                op: "map the BPF state map",
+                err,
+            }
+        })?;
+        let counts = MapView::new(
+            counts_map.as_fd(),
+            COUNT_VALUE_SIZE as usize * max_slots as usize,
+        )
+        .map_err(|err| BpfError::Sys {
+            op: "map the BPF counter map",
+            err,
+        })?;
+        let n = max_slots as usize;
+        let mut g = RrGroup {
+            prog,
+            socks,
+            ring,
+            origins,
+            state: state_map,
+            counts: counts_map,
+            counters: RrCounters {
+                state: Arc::new(state),
+                counts: Arc::new(counts),
+                max_slots,
+            },
+            max_slots,
+            order: Vec::with_capacity(n),
+            position: vec![NONE; n],
+            cookie: vec![0; n],
+            listed: vec![false; n],
+            verifier_stats: String::new(),
+        };
+        for &(slot, cookie) in members {
+            g.check_slot(slot)?;
+            g.position[slot as usize] = g.order.len() as u32;
+            g.cookie[slot as usize] = cookie;
+            g.order.push(slot);
+        }
+        Ok(g)
     }
 
     /// Makes the program the selector of the reuseport group `listener` belongs to. `listener`
@@ -509,6 +588,16 @@ impl RrGroup {
             err,
         })
     }
+}
+
+/// An [`RrGroup`] as it crosses an `execve`: see [`RrGroup::carry`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RrCarry {
+    /// prog, socks, ring, origins, state, counts.
+    pub fds: [std::os::fd::RawFd; 6],
+    pub max_slots: u32,
+    /// The rotation: (slot, its listener's socket cookie), in order.
+    pub members: Vec<(u32, u64)>,
 }
 
 /// Read access to an [`RrGroup`]'s counters: atomic loads from the maps' shared mappings, no

@@ -43,6 +43,10 @@ pub struct Config {
     pub env: Vec<(OsString, OsString)>,
     /// Recycle (gracefully) a worker whose resident set exceeds this many bytes; `None` = off.
     pub max_memory: Option<u64>,
+    /// `roundhouse upgrade` may re-execute this process's binary: its `main` takes the state
+    /// over first thing ([`crate::upgrade::take_state`], [`crate::resume`]). Off for embedding
+    /// programs that do not.
+    pub upgradable: bool,
 }
 
 /// A connection's affinity key under `--policy sticky`.
@@ -102,6 +106,7 @@ impl Config {
             sticky_key: StickyKey::Ip,
             env: Vec::new(),
             max_memory: None,
+            upgradable: false,
         }
     }
 }

@@ -201,6 +201,12 @@ impl Builder {
         self.cfg.max_memory = bytes;
         self
     }
+    /// This program's `main` resumes an upgrade (see [`Config::upgradable`]); without it,
+    /// `upgrade` is refused.
+    pub fn upgradable(mut self, on: bool) -> Self {
+        self.cfg.upgradable = on;
+        self
+    }
     pub fn config(&self) -> &Config {
         &self.cfg
     }
@@ -482,7 +488,10 @@ pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result
         written_shim = Some(path);
     }
     let surfaces_fds = primary::Surfaces {
-        self_exe: std::env::current_exe().ok(),
+        self_exe: cfg
+            .upgradable
+            .then(std::env::current_exe)
+            .and_then(Result::ok),
         admin: admin
             .as_ref()
             .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))

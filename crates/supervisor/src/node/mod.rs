@@ -437,6 +437,14 @@ pub(crate) fn write_shim() -> std::io::Result<std::path::PathBuf> {
     Ok(path)
 }
 
+/// After an upgrade: the shim the old image wrote at `path` becomes this binary's, for the
+/// workers started from now on (those running keep what they loaded).
+pub(crate) fn rewrite_shim(path: &std::path::Path) {
+    if let Err(e) = std::fs::write(path, SHIM) {
+        tracing::warn!("could not update the node shim at {}: {e}", path.display());
+    }
+}
+
 /// Removes what `write_shim` wrote.
 pub(crate) fn remove_shim(path: &std::path::Path) {
     if let Some(dir) = path.parent() {

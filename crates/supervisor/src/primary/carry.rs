@@ -26,7 +26,6 @@ use super::link::Link;
 use super::pool::{Counters, Life, Role, Slot, Worker};
 use super::{kernel_rr, Conn, Primary};
 use crate::api::{OpError, Request};
-use crate::config::Policy;
 use crate::events::Event;
 use crate::notify;
 use crate::output::Stream;
@@ -142,7 +141,10 @@ impl Primary {
         let Some(exe) = self.surfaces.self_exe.clone() else {
             return refuse(
                 reply,
-                OpError::Upgrade("this primary does not know the binary it runs".into()),
+                OpError::Upgrade(
+                    "this program cannot be upgraded in place (it does not resume an upgrade)"
+                        .into(),
+                ),
             );
         };
         let client_fd = client.as_ref().map(|c| c.as_raw_fd());
@@ -316,15 +318,20 @@ impl Primary {
                 recycle_at: w.recycle_at,
             });
         }
-        let kernel_counts = match &self.kernel_rr {
-            Some(kr) => self
-                .pool
-                .slots()
-                .iter()
-                .map(|s| (s.id, kr.connections(s.id)))
-                .collect(),
-            None => Vec::new(),
-        };
+        let kernel_rr = self.kernel_rr.as_ref().map(|kr| {
+            let (groups, baseline) = kr.carry();
+            upgrade::CarriedKernelRr {
+                groups: groups
+                    .into_iter()
+                    .map(|g| upgrade::CarriedRrGroup {
+                        fds: g.fds,
+                        max_slots: g.max_slots,
+                        members: g.members,
+                    })
+                    .collect(),
+                baseline,
+            }
+        });
         Ok(State {
             version: upgrade::STATE_VERSION,
             written_by: format!("roundhouse {}", env!("CARGO_PKG_VERSION")),
@@ -352,7 +359,7 @@ impl Primary {
             cursor: self.dispatch.cursor(),
             slots,
             workers,
-            kernel_counts,
+            kernel_rr,
             any_online_ever: self.ops.any_online_ever,
             announced_ready: self.ops.announced_ready,
             output,
@@ -387,6 +394,9 @@ impl Primary {
             control_path: state.control_path.clone(),
             node_shim_written: state.node_shim_written.clone(),
         };
+        if let Some(shim) = &state.node_shim_written {
+            crate::node::rewrite_shim(shim);
+        }
         let mut p = Primary::new(
             cfg, state.exe, listeners, requests, events, spawner, surfaces,
         )?;
@@ -471,22 +481,24 @@ impl Primary {
         p.pool.restore(workers);
         p.ops.any_online_ever = state.any_online_ever;
         p.ops.announced_ready = state.announced_ready;
-        if p.cfg.policy == Policy::ReusePortRr {
-            if let Some(first) = p.pool.slots().first() {
-                // The new programs get the rotation first, then replace the old image's in one
-                // step per address: no connection finds an empty rotation.
-                let mut kr =
-                    kernel_rr::KernelRotation::loaded(first.reuse.len()).map_err(RunError::Bpf)?;
-                for &(id, n) in &state.kernel_counts {
-                    kr.carry_count(id, n);
-                }
-                p.kernel_rr = Some(kr);
-                p.sync_kernel_rotation();
-                let first = &p.pool.slots()[0].reuse;
-                if let Some(kr) = &p.kernel_rr {
-                    kr.attach(first).map_err(RunError::Bpf)?;
-                }
-            }
+        if let Some(k) = state.kernel_rr {
+            let groups = k
+                .groups
+                .into_iter()
+                .map(|g| {
+                    let fds = g.fds.map(upgrade::adopt);
+                    (
+                        roundhouse_bpf::RrCarry {
+                            fds: g.fds,
+                            max_slots: g.max_slots,
+                            members: g.members,
+                        },
+                        fds,
+                    )
+                })
+                .collect();
+            p.kernel_rr =
+                Some(kernel_rr::KernelRotation::adopt(groups, k.baseline).map_err(RunError::Bpf)?);
         }
         p.rebuild_rotation();
         p.dispatch.set_cursor(state.cursor);

@@ -24,46 +24,50 @@ pub(crate) struct KernelRotation {
     groups: Vec<RrGroup>,
     /// Per slot id: the count at the last `/stats/reset`.
     baseline: Vec<u64>,
-    /// Per slot id: what the groups of the image before an upgrade had counted.
-    carried: Vec<u64>,
 }
 
 impl KernelRotation {
     /// Loads the program for every address and attaches it to the group through `first`, one
     /// listening socket per address (slot 1's).
     pub(crate) fn new(first: &[TcpListener]) -> Result<KernelRotation, BpfError> {
-        let kr = KernelRotation::loaded(first.len())?;
-        kr.attach(first)?;
-        Ok(kr)
-    }
-
-    /// Loads the program for `addrs` addresses, attached nowhere yet.
-    pub(crate) fn loaded(addrs: usize) -> Result<KernelRotation, BpfError> {
-        let mut groups = Vec::with_capacity(addrs);
-        for _ in 0..addrs {
-            groups.push(RrGroup::new(MAX_WORKERS + 1)?);
+        let mut groups = Vec::with_capacity(first.len());
+        for l in first {
+            let g = RrGroup::new(MAX_WORKERS + 1)?;
+            g.attach(l.as_fd())?;
+            groups.push(g);
         }
         Ok(KernelRotation {
             groups,
             baseline: vec![0; MAX_WORKERS as usize + 1],
-            carried: vec![0; MAX_WORKERS as usize + 1],
         })
     }
 
-    /// Makes the programs the groups' selectors. After an upgrade this replaces the old image's
-    /// programs in one step per address (their rotation must be synced first).
-    pub(crate) fn attach(&self, first: &[TcpListener]) -> Result<(), BpfError> {
-        for (g, l) in self.groups.iter().zip(first) {
-            g.attach(l.as_fd())?;
-        }
-        Ok(())
+    /// What an upgrade carries: each group (fds and rotation) and the reset baselines.
+    pub(crate) fn carry(&self) -> (Vec<roundhouse_bpf::RrCarry>, Vec<u64>) {
+        (
+            self.groups.iter().map(RrGroup::carry).collect(),
+            self.baseline.clone(),
+        )
     }
 
-    /// An upgrade: slot `id` had been given `n` connections by the old image's programs.
-    pub(crate) fn carry_count(&mut self, id: u32, n: u64) {
-        if let Some(c) = self.carried.get_mut(id as usize) {
-            *c = n;
+    /// In the new image of an upgrade: the groups the old one left, still attached and
+    /// steering, taken over with their maps (counts and rotation go on).
+    pub(crate) fn adopt(
+        groups: Vec<(roundhouse_bpf::RrCarry, [std::os::fd::OwnedFd; 6])>,
+        baseline: Vec<u64>,
+    ) -> Result<KernelRotation, BpfError> {
+        let groups = groups
+            .into_iter()
+            .map(|(c, fds)| RrGroup::adopt(fds, c.max_slots, &c.members))
+            .collect::<Result<_, _>>()?;
+        let mut base = vec![0; MAX_WORKERS as usize + 1];
+        for (b, v) in base.iter_mut().zip(baseline) {
+            *b = v;
         }
+        Ok(KernelRotation {
+            groups,
+            baseline: base,
+        })
     }
 
     /// Makes the rotation exactly `online`: (slot id, that slot's listeners in `-l` order).
@@ -85,7 +89,6 @@ impl KernelRotation {
     pub(crate) fn connections(&self, id: u32) -> u64 {
         self.total(id)
             .saturating_sub(self.baseline.get(id as usize).copied().unwrap_or(0))
-            + self.carried.get(id as usize).copied().unwrap_or(0)
     }
 
     fn total(&self, id: u32) -> u64 {
@@ -97,7 +100,6 @@ impl KernelRotation {
         for id in 0..self.baseline.len() {
             self.baseline[id] = self.total(id as u32);
         }
-        self.carried.iter_mut().for_each(|c| *c = 0);
     }
 }
 

@@ -53,6 +53,10 @@ pub const CHECK_COMMAND: &str = "upgrade-check";
 /// Longest the pre-flight may take.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often, and how far apart, a binary that is busy being written (ETXTBSY) is tried.
+const TXTBSY_TRIES: u32 = 20;
+const TXTBSY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Signals the binary handles: blocked across the exec, unblocked by the new image.
 pub const HANDLED: [Signal; 8] = [
     Signal::SIGTERM,
@@ -98,8 +102,8 @@ pub struct State {
     pub cursor: usize,
     pub slots: Vec<CarriedSlot>,
     pub workers: Vec<CarriedWorker>,
-    /// `reuseport-rr`: connections the kernel gave each slot since the last reset.
-    pub kernel_counts: Vec<(u32, u64)>,
+    /// `reuseport-rr`: the programs and maps (still attached, still steering), per address.
+    pub kernel_rr: Option<CarriedKernelRr>,
     pub any_online_ever: bool,
     pub announced_ready: bool,
     pub output: Vec<CarriedPipe>,
@@ -177,6 +181,7 @@ impl CarriedConfig {
         c.sticky_key = self.sticky_key.parse()?;
         c.env = self.env.clone();
         c.max_memory = self.max_memory;
+        c.upgradable = true;
         Ok(c)
     }
 }
@@ -271,6 +276,23 @@ pub struct CarriedWorker {
     pub recycle_at: Option<u64>,
 }
 
+/// `reuseport-rr`'s programs and maps, and the counts at the last `/stats/reset`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CarriedKernelRr {
+    pub groups: Vec<CarriedRrGroup>,
+    pub baseline: Vec<u64>,
+}
+
+/// One address's program and maps: see `roundhouse_bpf::RrGroup::carry`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CarriedRrGroup {
+    /// prog, socks, ring, origins, state, counts.
+    pub fds: [RawFd; 6],
+    pub max_slots: u32,
+    /// The rotation: (slot, its listener's socket cookie), in order.
+    pub members: Vec<(u32, u64)>,
+}
+
 /// A worker's stdout or stderr pipe and the start of a line not yet logged.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CarriedPipe {
@@ -304,6 +326,9 @@ impl State {
         }
         v.extend(self.output.iter().map(|p| p.fd));
         v.extend(self.client);
+        for g in self.kernel_rr.iter().flat_map(|k| &k.groups) {
+            v.extend(g.fds);
+        }
         v
     }
 
@@ -364,21 +389,35 @@ pub fn check_stdin() -> Result<String, String> {
 pub fn preflight(exe: &std::path::Path, state: &[u8]) -> Result<String, String> {
     use std::process::{Command, Stdio};
     let what = exe.display();
-    let mut child = Command::new(exe)
-        .arg(CHECK_COMMAND)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove(STATE_ENV)
-        .spawn()
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ENOENT) => format!("{what}: no such file"),
-            Some(libc::EACCES) => format!("{what}: not executable (permission denied)"),
-            Some(libc::ENOEXEC) => {
-                format!("{what}: not an executable for this machine (exec format error)")
+    // A binary being installed right now may still be open for writing somewhere (ETXTBSY,
+    // e.g. in a child forked while the installer had it open): try again for a moment.
+    let mut tries = 0;
+    let mut child = loop {
+        let spawned = Command::new(exe)
+            .arg(CHECK_COMMAND)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env_remove(STATE_ENV)
+            .spawn();
+        match spawned {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < TXTBSY_TRIES => {
+                tries += 1;
+                std::thread::sleep(TXTBSY_PAUSE);
             }
-            _ => format!("{what}: {e}"),
-        })?;
+            Err(e) => {
+                return Err(match e.raw_os_error() {
+                    Some(libc::ENOENT) => format!("{what}: no such file"),
+                    Some(libc::EACCES) => format!("{what}: not executable (permission denied)"),
+                    Some(libc::ENOEXEC) => {
+                        format!("{what}: not an executable for this machine (exec format error)")
+                    }
+                    _ => format!("{what}: {e}"),
+                })
+            }
+            Ok(c) => break c,
+        }
+    };
     let pid = child.id();
     let mut stdin = child.stdin.take().expect("piped");
     let feed = std::thread::spawn({
@@ -501,9 +540,16 @@ pub(crate) fn exec(exe: &std::path::Path, state: &[u8], fds: &[RawFd]) -> io::Er
         cleared.push(fd);
     }
     block_signals(true);
-    let err = match nix::unistd::execve(&path, &argv, &env) {
-        Err(e) => io::Error::from(e),
-        Ok(never) => match never {},
+    let mut tries = 0;
+    let err = loop {
+        match nix::unistd::execve(&path, &argv, &env) {
+            Err(nix::errno::Errno::ETXTBSY) if tries < TXTBSY_TRIES => {
+                tries += 1;
+                std::thread::sleep(TXTBSY_PAUSE);
+            }
+            Err(e) => break io::Error::from(e),
+            Ok(never) => match never {},
+        }
     };
     block_signals(false);
     for &fd in &cleared {
