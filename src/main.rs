@@ -1,6 +1,11 @@
 //! `roundhouse`: the supervisor (`run`) and its control client (`status`, `reload`, `scale`,
-//! `send`, `stop`). Thin: parsing, logging setup, signals and exit codes; everything else is in
-//! `roundhouse-supervisor`.
+//! `send`, `stop`, `upgrade`). Thin: parsing, logging setup, signals and exit codes; everything
+//! else is in `roundhouse-supervisor`.
+//!
+//! A process started as `roundhouse run …` may be the new image of an in-place upgrade: then
+//! `ROUNDHOUSE_UPGRADE_STATE` names the state the old image left, and `main` resumes it instead
+//! of parsing the command line (the argv is the original one, kept for `ps`). The hidden
+//! `upgrade-check` subcommand is the pre-flight: it says whether this binary reads a state.
 //!
 //! Exit codes: 0 success; 1 runtime failure (bind, command not executable, no primary running,
 //! a failed reload); 2 usage error: clap's whole message (what is wrong, the usage line, a "did
@@ -214,9 +219,12 @@ fn with_hints(mut e: clap::Error, args: &[OsString]) -> clap::Error {
 }
 
 fn main() -> ExitCode {
-    // The new image of an upgrade: no command line to parse, everything is in the state.
-    if let Some(state) = roundhouse_supervisor::upgrade::take_state() {
-        return resume(state);
+    // The new image of an upgrade (only ever a `run`): no command line to parse, everything is
+    // in the state. Still single-threaded here, as `take_state` needs.
+    if std::env::args_os().nth(1).is_some_and(|a| a == "run") {
+        if let Some(state) = roundhouse_supervisor::upgrade::take_state() {
+            return resume(state);
+        }
     }
     // An empty ROUNDHOUSE_CONTROL is unset (as for ROUNDHOUSE_SCHED_POLICY), not "a value is
     // required for --control". Still single-threaded here: nothing else reads the environment.
