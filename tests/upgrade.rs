@@ -609,3 +609,30 @@ fn plain_workers_keep_their_listeners_and_output_across_an_upgrade() {
         assert!(!pid_alive(*pid), "worker {pid} outlived the stop");
     }
 }
+
+#[test]
+fn the_path_it_was_started_from_is_followed_through_a_symlink_to_the_new_version() {
+    // /…/bin/roundhouse -> v1/roundhouse; the upgrade re-points it to v2/roundhouse.
+    let b = Primary::builder()
+        .workers(1)
+        .args(&["--admin", "127.0.0.1:0"]);
+    let dir = b.temp_dir().path().to_path_buf();
+    for v in ["v1", "v2", "bin"] {
+        std::fs::create_dir(dir.join(v)).unwrap();
+    }
+    install(&dir.join("v1/roundhouse"), Path::new(roundhouse_bin()));
+    install(&dir.join("v2/roundhouse"), Path::new(roundhouse_bin()));
+    let link = dir.join("bin/roundhouse");
+    std::os::unix::fs::symlink(dir.join("v1/roundhouse"), &link).unwrap();
+    let run_args = b.run_args();
+    let p = b.start_program(link.to_str().unwrap(), &run_args);
+    p.wait_ready();
+    let exe = || std::fs::read_link(format!("/proc/{}/exe", p.pid())).unwrap();
+    assert_eq!(exe(), dir.join("v1/roundhouse"));
+    let tmp = dir.join("bin/roundhouse.new");
+    std::os::unix::fs::symlink(dir.join("v2/roundhouse"), &tmp).unwrap();
+    std::fs::rename(&tmp, &link).unwrap();
+    upgrade_ok(&p);
+    assert_eq!(exe(), dir.join("v2/roundhouse"));
+    assert_eq!(get(p.addr(), "/").unwrap().status, 200);
+}

@@ -364,6 +364,12 @@ pub(crate) mod fake {
                         let _ = reply.send(());
                     }
                     Request::OverMemory { id, .. } => say(format!("over memory {id}")),
+                    Request::Upgrade { client, reply } => {
+                        say(format!("upgrade (client {})", client.is_some()));
+                        let _ = reply.send(Err(OpError::Upgrade(
+                            "/x/roundhouse: not executable (permission denied)".into(),
+                        )));
+                    }
                 }
             }
         });

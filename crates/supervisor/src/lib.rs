@@ -488,10 +488,7 @@ pub fn start_with(mut cfg: Config, spawner: Box<dyn spawner::Spawner>) -> Result
         written_shim = Some(path);
     }
     let surfaces_fds = primary::Surfaces {
-        self_exe: cfg
-            .upgradable
-            .then(std::env::current_exe)
-            .and_then(Result::ok),
+        self_exe: cfg.upgradable.then(upgrade::started_from).flatten(),
         admin: admin
             .as_ref()
             .map(|l| l.try_clone().map(std::os::fd::OwnedFd::from))

@@ -224,6 +224,14 @@ fn requests_round_trip_to_the_owner() {
         "reload failed: could not start a new worker 2"
     );
 
+    // The owner gets a copy of the connection (the new image answers on it when an upgrade
+    // works); a failure is answered here.
+    let err = request(&path, &json!({"cmd": "upgrade"})).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "upgrade failed: /x/roundhouse: not executable (permission denied)"
+    );
+
     assert_eq!(
         request(&path, &json!({"cmd": "scale", "workers": 4})).unwrap(),
         json!({"ok": true})
@@ -256,6 +264,7 @@ fn requests_round_trip_to_the_owner() {
         [
             "reload",
             "reload",
+            "upgrade (client true)",
             "scale 4",
             "send All {\"ping\":1}",
             "send Worker(2) {\"ping\":1}"

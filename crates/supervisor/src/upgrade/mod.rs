@@ -463,6 +463,30 @@ pub fn preflight(exe: &std::path::Path, state: &[u8]) -> Result<String, String> 
     Err(format!("{what} cannot take over: {why}"))
 }
 
+/// The path this program was started from, as the user named it: `argv[0]` if it has a `/`
+/// (made absolute), else where `PATH` finds it, else `/proc/self/exe`. Not `/proc/self/exe`
+/// first: that resolves symlinks, and an upgrade must follow a symlink that now points to the
+/// new version (`/usr/local/bin/roundhouse -> /opt/roundhouse-1.2/roundhouse`).
+pub fn started_from() -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let arg0 = PathBuf::from(std::env::args_os().next()?);
+    if arg0.as_os_str().as_bytes().contains(&b'/') {
+        return std::path::absolute(&arg0).ok();
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(&arg0))
+            .find(|c| {
+                std::fs::metadata(c)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    });
+    match found {
+        Some(c) => std::path::absolute(c).ok(),
+        None => std::env::current_exe().ok(),
+    }
+}
+
 /// Sets or clears close-on-exec on `fd`.
 pub(crate) fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     let flags = if on {
