@@ -636,3 +636,45 @@ fn the_path_it_was_started_from_is_followed_through_a_symlink_to_the_new_version
     assert_eq!(exe(), dir.join("v2/roundhouse"));
     assert_eq!(get(p.addr(), "/").unwrap().status, 200);
 }
+
+#[test]
+fn a_second_upgrade_while_the_first_is_checked_is_refused_by_command_and_by_sigusr2() {
+    let (p, bin) = start(1, &[]);
+    let pids = worker_pids(&p);
+    // The "new binary" takes a second to answer its pre-flight, then is the real one.
+    let real = bin.with_extension("real");
+    install(&real, Path::new(roundhouse_bin()));
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" = upgrade-check ]; then sleep 1; fi\nexec '{}' \"$@\"\n",
+        real.display()
+    );
+    install_bytes(&bin, script.as_bytes(), 0o755);
+    let ctl = p.control().to_path_buf();
+    let first = std::thread::spawn(move || {
+        std::process::Command::new(roundhouse_bin())
+            .args(["upgrade", "--control", ctl.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    p.wait_for_log("upgrade: checking the new binary", Duration::from_secs(10));
+    let out = p.client(&["upgrade"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("an upgrade is in progress"), "{stderr}");
+    let out = p.client(&["reload"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("an upgrade is in progress"));
+    p.signal(Signal::SIGUSR2);
+    p.wait_for_log(
+        "upgrade refused: an upgrade is in progress",
+        Duration::from_secs(10),
+    );
+    let out = first.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.log()
+    );
+    assert_eq!(worker_pids(&p), pids);
+    assert_eq!(get(p.addr(), "/").unwrap().status, 200);
+}
