@@ -678,3 +678,38 @@ fn a_second_upgrade_while_the_first_is_checked_is_refused_by_command_and_by_sigu
     assert_eq!(worker_pids(&p), pids);
     assert_eq!(get(p.addr(), "/").unwrap().status, 200);
 }
+
+#[test]
+fn upgrade_check_says_what_it_cannot_read() {
+    use std::io::Write;
+    for (input, want) in [
+        (&b"not json"[..], "not readable"),
+        (
+            b"{\"version\":2,\"written_by\":\"roundhouse 9.0.0\"}",
+            "version 2 (from roundhouse 9.0.0)",
+        ),
+    ] {
+        let mut child = std::process::Command::new(roundhouse_bin())
+            .arg("upgrade-check")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(want), "wanted {want:?} in {stderr}");
+    }
+    // Hidden from the help: it is the pre-flight's, not the user's.
+    let help = std::process::Command::new(roundhouse_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("upgrade") && !help.contains("upgrade-check"),
+        "{help}"
+    );
+}

@@ -291,6 +291,29 @@ impl RrGroup {
             "rh_rr_origins",
         )
         .map_err(|e| BpfError::classify("create the BPF origins map", e))?;
+        let insns = program::rr_program(&RrMaps {
+            socks: socks.as_fd(),
+            ring: ring.as_fd(),
+            state: state_map.as_fd(),
+            counts: counts_map.as_fd(),
+            origins: origins.as_fd(),
+        });
+        let (prog, verifier_stats) = load(&insns, "rh_reuseport_rr")?;
+        RrGroup::assemble(
+            [prog, socks, ring, origins, state_map, counts_map],
+            max_slots,
+            verifier_stats,
+        )
+    }
+
+    /// A group of loaded program and maps, `[prog, socks, ring, origins, state, counts]`, with
+    /// an empty rotation mirror: maps the counters (the mappings keep their own references).
+    fn assemble(
+        fds: [OwnedFd; 6],
+        max_slots: u32,
+        verifier_stats: String,
+    ) -> Result<RrGroup, BpfError> {
+        let [prog, socks, ring, origins, state_map, counts_map] = fds;
         let state = MapView::new(state_map.as_fd(), STATE_VALUE_SIZE as usize).map_err(|err| {
             BpfError::Sys {
                 op: "map the BPF state map",
@@ -305,14 +328,6 @@ impl RrGroup {
             op: "map the BPF counter map",
             err,
         })?;
-        let insns = program::rr_program(&RrMaps {
-            socks: socks.as_fd(),
-            ring: ring.as_fd(),
-            state: state_map.as_fd(),
-            counts: counts_map.as_fd(),
-            origins: origins.as_fd(),
-        });
-        let (prog, verifier_stats) = load(&insns, "rh_reuseport_rr")?;
         let n = max_slots as usize;
         Ok(RrGroup {
             prog,
@@ -367,41 +382,7 @@ impl RrGroup {
         if max_slots == 0 || max_slots > MAX_SLOTS {
             return Err(BpfError::BadMaxSlots(max_slots));
         }
-        let [prog, socks, ring, origins, state_map, counts_map] = fds;
-        let state = MapView::new(state_map.as_fd(), STATE_VALUE_SIZE as usize).map_err(|err| {
-            BpfError::Sys {
-                op: "map the BPF state map",
-                err,
-            }
-        })?;
-        let counts = MapView::new(
-            counts_map.as_fd(),
-            COUNT_VALUE_SIZE as usize * max_slots as usize,
-        )
-        .map_err(|err| BpfError::Sys {
-            op: "map the BPF counter map",
-            err,
-        })?;
-        let n = max_slots as usize;
-        let mut g = RrGroup {
-            prog,
-            socks,
-            ring,
-            origins,
-            state: state_map,
-            counts: counts_map,
-            counters: RrCounters {
-                state: Arc::new(state),
-                counts: Arc::new(counts),
-                max_slots,
-            },
-            max_slots,
-            order: Vec::with_capacity(n),
-            position: vec![NONE; n],
-            cookie: vec![0; n],
-            listed: vec![false; n],
-            verifier_stats: String::new(),
-        };
+        let mut g = RrGroup::assemble(fds, max_slots, String::new())?;
         for &(slot, cookie) in members {
             g.check_slot(slot)?;
             g.position[slot as usize] = g.order.len() as u32;

@@ -12,13 +12,16 @@ pub const MAX_WORKERS: u32 = 1024;
 
 pub use roundhouse_proto::Policy;
 
-/// Everything the primary needs to run. Build it with [`crate::Builder`].
-#[derive(Debug, Clone)]
+/// Everything the primary needs to run. Build it with [`crate::Builder`]. It crosses an
+/// in-place upgrade as part of the state (JSON): a field added later needs `#[serde(default)]`
+/// so that a newer binary still reads what an older one wrote.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     pub command: OsString,
     pub args: Vec<OsString>,
     pub listen: Vec<SocketAddr>,
     pub workers: u32,
+    #[serde(with = "by_name")]
     pub policy: Policy,
     pub grace: Duration,
     pub ready_timeout: Duration,
@@ -36,6 +39,7 @@ pub struct Config {
     /// succeeded, drained by `SIGTERM`. Only where workers accept themselves.
     pub plain: bool,
     /// `sticky`: what a connection's affinity key is.
+    #[serde(with = "by_name")]
     pub sticky_key: StickyKey,
     /// Extra environment for every worker (`--config`'s `env` table), on top of the primary's
     /// own. The variables roundhouse sets for a worker (`ROUNDHOUSE_*`, `LISTEN_*`,
@@ -58,6 +62,33 @@ pub enum StickyKey {
     /// The first address in this request header of the connection's first request (e.g.
     /// `X-Forwarded-For` behind a proxy), read by peeking; the client's address when absent.
     Header(String),
+}
+
+impl std::fmt::Display for StickyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StickyKey::Ip => f.write_str("ip"),
+            StickyKey::Header(h) => write!(f, "header:{h}"),
+        }
+    }
+}
+
+/// Serde as the name the command line uses (`rr`, `header:x-forwarded-for`).
+mod by_name {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        String::deserialize(d)?.parse().map_err(D::Error::custom)
+    }
 }
 
 impl std::str::FromStr for StickyKey {

@@ -337,7 +337,7 @@ impl Primary {
             written_by: format!("roundhouse {}", env!("CARGO_PKG_VERSION")),
             self_exe,
             log_json: upgrade::log_json(),
-            config: upgrade::CarriedConfig::from_config(&self.cfg),
+            config: self.cfg.clone(),
             exe: self.exe.clone(),
             uptime_ms: ms_since(self.started, now),
             addrs: self.addrs.clone(),
@@ -376,7 +376,7 @@ impl Primary {
         spawner: Box<dyn crate::spawner::Spawner>,
     ) -> Result<Restored, RunError> {
         let now = Instant::now();
-        let cfg = state.config.to_config().map_err(RunError::Config)?;
+        let cfg = state.config;
         let listeners: Vec<TcpListener> = if cfg.policy.hands_off() {
             &state.accept
         } else {

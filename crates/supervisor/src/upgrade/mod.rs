@@ -30,7 +30,7 @@
 //! Connections handed to a worker and not yet acknowledged are carried with their ids, so the
 //! acks the worker sends meanwhile (they wait in the channel) are matched in the new image.
 
-use std::ffi::{CString, OsString};
+use std::ffi::CString;
 use std::io::{self, Read, Seek, Write};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -42,7 +42,7 @@ use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, StickyKey};
+use crate::config::Config;
 
 /// The state format this binary writes and reads.
 pub const STATE_VERSION: u32 = 1;
@@ -80,7 +80,7 @@ pub struct State {
     pub self_exe: PathBuf,
     /// `--log-format json`.
     pub log_json: bool,
-    pub config: CarriedConfig,
+    pub config: Config,
     /// The worker command, resolved.
     pub exe: PathBuf,
     pub uptime_ms: u64,
@@ -109,81 +109,6 @@ pub struct State {
     pub output: Vec<CarriedPipe>,
     /// The control client that asked for the upgrade: the new image answers it.
     pub client: Option<RawFd>,
-}
-
-/// [`Config`] in a form that crosses the exec.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct CarriedConfig {
-    pub command: OsString,
-    pub args: Vec<OsString>,
-    pub listen: Vec<SocketAddr>,
-    pub workers: u32,
-    pub policy: String,
-    pub grace: Duration,
-    pub ready_timeout: Duration,
-    pub heartbeat_timeout: Option<Duration>,
-    pub max_requests: Option<u64>,
-    pub backlog: u32,
-    pub admin: Option<SocketAddr>,
-    pub control: Option<PathBuf>,
-    pub node: bool,
-    pub node_shim: Option<PathBuf>,
-    pub plain: bool,
-    /// `ip` or `header:NAME`.
-    pub sticky_key: String,
-    pub env: Vec<(OsString, OsString)>,
-    pub max_memory: Option<u64>,
-}
-
-impl CarriedConfig {
-    pub fn from_config(c: &Config) -> CarriedConfig {
-        CarriedConfig {
-            command: c.command.clone(),
-            args: c.args.clone(),
-            listen: c.listen.clone(),
-            workers: c.workers,
-            policy: c.policy.as_str().to_string(),
-            grace: c.grace,
-            ready_timeout: c.ready_timeout,
-            heartbeat_timeout: c.heartbeat_timeout,
-            max_requests: c.max_requests,
-            backlog: c.backlog,
-            admin: c.admin,
-            control: c.control.clone(),
-            node: c.node,
-            node_shim: c.node_shim.clone(),
-            plain: c.plain,
-            sticky_key: match &c.sticky_key {
-                StickyKey::Ip => "ip".into(),
-                StickyKey::Header(h) => format!("header:{h}"),
-            },
-            env: c.env.clone(),
-            max_memory: c.max_memory,
-        }
-    }
-
-    pub fn to_config(&self) -> Result<Config, String> {
-        let mut c = Config::new(self.command.clone());
-        c.args = self.args.clone();
-        c.listen = self.listen.clone();
-        c.workers = self.workers;
-        c.policy = self.policy.parse().map_err(|e| format!("policy: {e}"))?;
-        c.grace = self.grace;
-        c.ready_timeout = self.ready_timeout;
-        c.heartbeat_timeout = self.heartbeat_timeout;
-        c.max_requests = self.max_requests;
-        c.backlog = self.backlog;
-        c.admin = self.admin;
-        c.control = self.control.clone();
-        c.node = self.node;
-        c.node_shim = self.node_shim.clone();
-        c.plain = self.plain;
-        c.sticky_key = self.sticky_key.parse()?;
-        c.env = self.env.clone();
-        c.max_memory = self.max_memory;
-        c.upgradable = true;
-        Ok(c)
-    }
 }
 
 /// A connection the primary holds a copy of.
@@ -350,7 +275,6 @@ impl State {
         }
         let state: State = serde_json::from_slice(bytes)
             .map_err(|e| format!("the upgrade state is not readable: {e}"))?;
-        state.config.to_config()?;
         let mut fds = state.fds();
         let n = fds.len();
         fds.sort_unstable();
@@ -654,4 +578,84 @@ pub fn set_log_json(json: bool) {
 
 pub(crate) fn log_json() -> bool {
     LOG_JSON.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> State {
+        State {
+            version: STATE_VERSION,
+            written_by: "roundhouse test".into(),
+            self_exe: "/usr/local/bin/roundhouse".into(),
+            log_json: false,
+            config: {
+                let mut c = Config::new("hello-worker");
+                c.policy = "sticky".parse().unwrap();
+                c.sticky_key = "header:X-Forwarded-For".parse().unwrap();
+                c.env.push(("A".into(), "b".into()));
+                c
+            },
+            exe: "/usr/bin/hello-worker".into(),
+            uptime_ms: 1234,
+            addrs: vec!["127.0.0.1:8000".parse().unwrap()],
+            accept: vec![5],
+            shared: vec![],
+            admin: None,
+            control: 6,
+            control_path: "/run/rh.sock".into(),
+            node_shim_written: None,
+            next_conn_id: 42,
+            held: vec![CarriedConn {
+                id: 41,
+                fd: 7,
+                listener: 0,
+                peer: "127.0.0.1:5555".parse().unwrap(),
+                sent_ms_ago: 3,
+                key: 9,
+            }],
+            peeking: vec![],
+            sticky_fallbacks: 0,
+            cursor: 1,
+            slots: vec![],
+            workers: vec![],
+            kernel_rr: None,
+            any_online_ever: true,
+            announced_ready: true,
+            output: vec![],
+            client: Some(8),
+        }
+    }
+
+    #[test]
+    fn a_state_round_trips_with_its_config() {
+        let bytes = serde_json::to_vec(&state()).unwrap();
+        let back = State::parse(&bytes).unwrap();
+        assert_eq!(back.config.policy.as_str(), "sticky");
+        assert_eq!(back.config.sticky_key.to_string(), "header:x-forwarded-for");
+        assert_eq!(back.config.env, vec![("A".into(), "b".into())]);
+        assert_eq!(back.fds(), vec![5, 6, 7, 8]);
+    }
+
+    #[test]
+    fn another_version_a_reused_fd_or_stdio_is_refused_with_a_reason() {
+        let mut s = state();
+        s.version = 99;
+        let e = State::parse(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        assert!(e.contains("version 99") && e.contains("(1)"), "{e}");
+        let mut s = state();
+        s.client = Some(7);
+        let e = State::parse(&serde_json::to_vec(&s).unwrap()).unwrap_err();
+        assert!(e.contains("fd twice"), "{e}");
+        let mut s = state();
+        s.control = 2;
+        assert!(State::parse(&serde_json::to_vec(&s).unwrap()).is_err());
+        let e = State::parse(b"{\"version\":1}").unwrap_err();
+        assert!(e.contains("not readable"), "{e}");
+        let mut v = serde_json::to_value(state()).unwrap();
+        v["config"]["policy"] = "fastest".into();
+        let e = State::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("fastest"), "{e}");
+    }
 }
