@@ -158,8 +158,9 @@ fn run_upgrade(control: &Path) -> Result<String, Failure> {
     let pid = answer.get("pid").and_then(Value::as_u64).unwrap_or(0);
     let version = answer.get("version").and_then(Value::as_str).unwrap_or("?");
     let workers = answer.get("workers").and_then(Value::as_u64).unwrap_or(0);
+    let s = if workers == 1 { "" } else { "s" };
     Ok(format!(
-        "upgraded: primary {pid} now runs roundhouse {version} ({workers} workers carried over)\n"
+        "upgraded: primary {pid} now runs roundhouse {version} ({workers} worker{s} carried over)\n"
     ))
 }
 
