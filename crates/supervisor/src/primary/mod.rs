@@ -24,7 +24,7 @@
 //! The hot path is `accept_from` → `dispatch` → `flush`: accept until `EAGAIN` into the bounded
 //! held queue, assign each held connection to the next eligible worker (a per-worker batch, no
 //! allocation), then one `sendmsg` per worker carrying up to 32 fds. Under load ([`pace`]: a
-//! burst of 8 or more) the next burst waits until 500 µs after this one started, so that
+//! burst of 12 or more) the next burst waits until 500 µs after this one started, so that
 //! connections are taken, handed and acknowledged in batches rather than a wake-up each. The primary keeps its copy
 //! of every fd in the worker's window until the worker acknowledges it, so a worker that dies
 //! or refuses before acknowledging costs the client nothing: the connection goes back to the
