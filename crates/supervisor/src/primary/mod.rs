@@ -25,10 +25,10 @@
 //! held queue, assign each held connection to the next eligible worker (a per-worker batch, no
 //! allocation), then one `sendmsg` per worker carrying up to 32 fds. Under load ([`pace`]: a
 //! burst of 12 or more) the next burst waits until 500 µs after this one started, so that
-//! connections are taken, handed and acknowledged in batches rather than a wake-up each. The primary keeps its copy
-//! of every fd in the worker's window until the worker acknowledges it, so a worker that dies
-//! or refuses before acknowledging costs the client nothing: the connection goes back to the
-//! front of the held queue and on to the next worker.
+//! connections are taken, handed and acknowledged in batches rather than a wake-up each. The
+//! primary keeps its copy of every fd in the worker's window until the worker acknowledges it,
+//! so a worker that dies or refuses before acknowledging costs the client nothing: the
+//! connection goes back to the front of the held queue and on to the next worker.
 
 #![forbid(unsafe_code)]
 
