@@ -27,6 +27,10 @@
 #   --no-chart          do not set up matplotlib; write results.json/results.md only
 #   --without-cap-bpf   start reuseport-rr with CAP_BPF and CAP_SYS_ADMIN dropped (setpriv), to
 #                       check the skipped-row path on a machine that has them
+#   --variant NAME=DIR  another build to compare, side by side in the same run: a row named
+#                       POLICY@NAME (e.g. `--policies rr,rr@before --variant before=/tmp/old`)
+#                       runs DIR/roundhouse and DIR/hello-worker; repeatable. Only for
+#                       roundhouse's own policies (not the Node rows)
 #   --no-floor          skip the accept floor (scripts/accept_floor.c, a bare accept+close loop
 #                       loaded like connection-per-request once per round, built with cc when
 #                       one is installed): the CPU per connection of the kernel's part alone
@@ -57,6 +61,7 @@ CHART=1
 FLOOR=1
 FLOOR_VALUES=()
 WITHOUT_CAP_BPF=0
+declare -A VARIANTS=()
 READY_DEADLINE_S=30
 STOP_DEADLINE_S=15
 
@@ -86,6 +91,12 @@ while (($#)); do
     --no-build) BUILD=0 ;;
     --no-chart) CHART=0 ;;
     --no-floor) FLOOR=0 ;;
+    --variant)
+      v=${2:?--variant needs NAME=DIR}
+      [[ $v == *=* && -n ${v%%=*} ]] || die_usage "--variant wants NAME=DIR, got '$v'"
+      VARIANTS[${v%%=*}]=${v#*=}
+      shift
+      ;;
     --without-cap-bpf) WITHOUT_CAP_BPF=1 ;;
     -h | --help) usage; exit 0 ;;
     *) die_usage "unknown argument '$1' (see --help)" ;;
@@ -112,6 +123,18 @@ done
 IFS=, read -r -a POLICY_LIST <<<"$POLICIES"
 IFS=, read -r -a WORKLOAD_LIST <<<"$WORKLOADS"
 for p in "${POLICY_LIST[@]}"; do
+  if [[ $p == *@* ]]; then
+    v=${p#*@}
+    [[ -n ${VARIANTS[$v]+x} ]] || die_usage "row '$p': no --variant $v=DIR"
+    [[ -x ${VARIANTS[$v]}/roundhouse && -x ${VARIANTS[$v]}/hello-worker ]] ||
+      die_usage "--variant $v: no roundhouse and hello-worker in ${VARIANTS[$v]}"
+    p=${p%@*}
+    case $p in
+      rr | least-conn | sticky | none | reuseport | reuseport-rr) ;;
+      *) die_usage "unknown policy '$p' (a variant runs roundhouse's own policies only)" ;;
+    esac
+    continue
+  fi
   case $p in
     rr | least-conn | sticky | none | reuseport | reuseport-rr | node-rr | node-none | roundhouse-node-rr) ;;
     *) die_usage "unknown policy '$p'" ;;
@@ -288,8 +311,14 @@ log_field() {
 start_server() {
   local name=$1 i
   local -a cmd
+  local RH=$RH HELLO=$HELLO
+  if [[ $name == *@* ]]; then
+    # A row of another build (--variant): its binaries, the policy before the `@`.
+    RH=${VARIANTS[${name#*@}]}/roundhouse
+    HELLO=${VARIANTS[${name#*@}]}/hello-worker
+  fi
   XFF_POOL=0
-  case $name in
+  case ${name%@*} in
     sticky)
       # Keys from X-Forwarded-For, 256 client addresses (scripts/wrk/*.lua): from wrk's one
       # source address, `ip` keys would put every connection on one worker.
@@ -299,8 +328,8 @@ start_server() {
       ;;
     rr | least-conn | none | reuseport | reuseport-rr)
       cmd=("$RH" run -l 127.0.0.1:0 --admin 127.0.0.1:0 --control "$TMP/$name.sock"
-        -w "$WORKERS" --policy "$name" -- "$HELLO")
-      if [[ $name == reuseport-rr ]] && ((WITHOUT_CAP_BPF)); then
+        -w "$WORKERS" --policy "${name%@*}" -- "$HELLO")
+      if [[ ${name%@*} == reuseport-rr ]] && ((WITHOUT_CAP_BPF)); then
         cmd=(setpriv --inh-caps=-bpf,-sys_admin --bounding-set=-bpf,-sys_admin -- "${cmd[@]}")
       fi
       ;;
@@ -358,7 +387,7 @@ start_server() {
 # line, so the row is reported as skipped, with that reason, rather than as a failure.
 bpf_skip_reason() {
   SKIP_REASON=
-  [[ $SERVER_NAME == reuseport-rr && -r $SERVER_LOG ]] || return 0
+  [[ ${SERVER_NAME%@*} == reuseport-rr && -r $SERVER_LOG ]] || return 0
   SKIP_REASON=$(sed 's/\x1b\[[0-9;]*m//g' "$SERVER_LOG" |
     grep -m1 -e 'needs CAP_BPF' -e 'cannot run reuseport-rr' -e 'verifier refused' |
     sed 's/^roundhouse: //' || true)

@@ -23,10 +23,12 @@
 //!
 //! The hot path is `accept_from` → `dispatch` → `flush`: accept until `EAGAIN` into the bounded
 //! held queue, assign each held connection to the next eligible worker (a per-worker batch, no
-//! allocation), then one `sendmsg` per worker carrying up to 32 fds. The primary keeps its copy
-//! of every fd in the worker's window until the worker acknowledges it, so a worker that dies
-//! or refuses before acknowledging costs the client nothing: the connection goes back to the
-//! front of the held queue and on to the next worker.
+//! allocation), then one `sendmsg` per worker carrying up to 32 fds. Under load ([`pace`]: a
+//! burst of 12 or more) the next burst waits until 500 µs after this one started, so that
+//! connections are taken, handed and acknowledged in batches rather than a wake-up each. The
+//! primary keeps its copy of every fd in the worker's window until the worker acknowledges it,
+//! so a worker that dies or refuses before acknowledging costs the client nothing: the
+//! connection goes back to the front of the held queue and on to the next worker.
 
 #![forbid(unsafe_code)]
 
@@ -37,6 +39,7 @@ mod kernel_rr;
 mod lifecycle;
 mod link;
 mod ops;
+mod pace;
 mod peek;
 mod pool;
 
@@ -305,7 +308,17 @@ impl Primary {
                 Wake::Exec(k) => self.resolve_exec(k),
                 Wake::Readable(k) => self.read_worker(k, READ_BURST, false),
                 Wake::Writable(k) => self.on_writable(k),
-                Wake::Accept(i) => self.accept_from(i),
+                Wake::Accept(i) => {
+                    let (started, first) = (Instant::now(), self.next_conn_id);
+                    self.accept_from(i);
+                    // Under load, batch (see `pace`): hand this burst out, then let the next
+                    // one gather.
+                    let taken = self.next_conn_id - first;
+                    if let Some(pause) = pace::after_burst(taken, started, Instant::now()) {
+                        self.settle();
+                        std::thread::sleep(pause);
+                    }
+                }
                 Wake::Peek(i) => self.on_peek(i),
                 Wake::Upgrade(r) => self.on_upgrade_checked(r),
                 Wake::Start => {
