@@ -713,3 +713,91 @@ fn upgrade_check_says_what_it_cannot_read() {
         "{help}"
     );
 }
+
+/// The primary's blocked-signal mask, from `/proc`.
+fn sig_blocked(pid: i32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("SigBlk:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+#[test]
+fn a_sigterm_sent_during_the_exec_waits_for_the_new_image_and_stops_it_gracefully() {
+    let (mut p, bin) = start(2, &[]);
+    let pid = p.pid();
+    // SIGTERM, SIGHUP and SIGCHLD blocked together: only the upgrade's exec window does that.
+    let window = |m: u64| {
+        m & (1 << 14) != 0
+            && m & (1 << 0) != 0
+            && m & (1 << 16) != 0
+            && m != u64::MAX
+            && m.count_ones() < 16
+    };
+    let mut sent = false;
+    for _ in 0..3 {
+        install(&bin, Path::new(roundhouse_bin()));
+        let watcher = std::thread::spawn(move || {
+            let end = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < end {
+                if sig_blocked(pid).is_some_and(window) {
+                    common::signal_pid(pid, Signal::SIGTERM);
+                    return true;
+                }
+            }
+            false
+        });
+        let out = p.client(&["upgrade"]);
+        sent = watcher.join().unwrap();
+        if sent {
+            break;
+        }
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(sent, "never saw the exec window in three upgrades");
+    // Not killed by it: the new image takes it as a graceful stop.
+    let status = p.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", p.log());
+    let log = p.log();
+    let upgraded = log.find("upgraded: roundhouse").expect("the new image ran");
+    let stopping = log
+        .find("stopping: draining workers")
+        .expect("a graceful stop");
+    assert!(upgraded < stopping, "{log}");
+    assert_eq!(p.count("drained; exiting"), 2, "{log}");
+}
+
+#[test]
+fn a_sigterm_while_a_wrapper_script_runs_does_not_kill_the_primary() {
+    let (p, bin) = start(1, &[]);
+    let pids = worker_pids(&p);
+    let real = bin.with_extension("real");
+    install(&real, Path::new(roundhouse_bin()));
+    // A shell between the two images resets the signal mask; the signal must not be fatal.
+    let script = format!(
+        "#!/bin/sh\nif [ \"$1\" != upgrade-check ]; then sleep 2; fi\nexec '{}' \"$@\"\n",
+        real.display()
+    );
+    install_bytes(&bin, script.as_bytes(), 0o755);
+    let ctl = p.control().to_path_buf();
+    let upgrade = std::thread::spawn(move || {
+        std::process::Command::new(roundhouse_bin())
+            .args(["upgrade", "--control", ctl.to_str().unwrap()])
+            .output()
+            .unwrap()
+    });
+    p.wait_for_log("upgrade: executing the new binary", Duration::from_secs(10));
+    p.signal(Signal::SIGTERM);
+    let out = upgrade.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stderr),
+        p.log()
+    );
+    assert_eq!(worker_pids(&p), pids);
+    assert_eq!(get(p.addr(), "/").unwrap().status, 200);
+}

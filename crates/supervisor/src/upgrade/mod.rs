@@ -24,7 +24,9 @@
 //! **Signals.** Between the exec and the new image's handlers there is no handler: the owner
 //! blocks the signals it handles before the exec (the mask survives `execve`), and the new image
 //! unblocks them once its handlers are installed; a `SIGTERM` sent meanwhile waits, it does not
-//! kill the primary. A child that exits meanwhile stays a zombie until the new image reaps.
+//! kill the primary. The fatal ones are also ignored across the exec, in case something between
+//! the images (a wrapper script) unblocks them. A child that exits meanwhile stays a zombie until
+//! the new image reaps.
 //!
 //! **Connections.** The kernel's backlog holds new connections during the exec (a few ms).
 //! Connections handed to a worker and not yet acknowledged are carried with their ids, so the
@@ -58,7 +60,7 @@ const TXTBSY_TRIES: u32 = 20;
 const TXTBSY_PAUSE: Duration = Duration::from_millis(50);
 
 /// Signals the binary handles: blocked across the exec, unblocked by the new image.
-pub const HANDLED: [Signal; 8] = [
+pub const HANDLED: [Signal; 7] = [
     Signal::SIGTERM,
     Signal::SIGINT,
     Signal::SIGHUP,
@@ -66,7 +68,21 @@ pub const HANDLED: [Signal; 8] = [
     Signal::SIGTTOU,
     Signal::SIGUSR2,
     Signal::SIGCHLD,
-    Signal::SIGQUIT,
+];
+
+/// Of those, the ones whose default action would end the primary: also *ignored* across the
+/// exec. Blocked, a signal sent meanwhile stays pending (a blocked signal is never discarded)
+/// and reaches the new image's handler; ignored as well, it cannot kill the process if
+/// something between the two images unblocks it (a wrapper script: the shell resets the mask)
+/// — it is lost then, not fatal. Not `SIGCHLD`: ignoring it would make the kernel reap the
+/// workers' exits itself, and their statuses would be lost.
+const IGNORED_ACROSS: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+    Signal::SIGUSR2,
 ];
 
 /// Everything the primary is, as it crosses an `execve`. Times are relative (milliseconds from
@@ -488,6 +504,7 @@ pub(crate) fn exec(exe: &std::path::Path, state: &[u8], fds: &[RawFd]) -> io::Er
         cleared.push(fd);
     }
     block_signals(true);
+    let saved = ignore_across_exec();
     let mut tries = 0;
     let err = loop {
         match nix::unistd::execve(&path, &argv, &env) {
@@ -499,11 +516,36 @@ pub(crate) fn exec(exe: &std::path::Path, state: &[u8], fds: &[RawFd]) -> io::Er
             Ok(never) => match never {},
         }
     };
+    restore_actions(saved);
     block_signals(false);
     for &fd in &cleared {
         let _ = set_cloexec(fd, true);
     }
     err
+}
+
+/// Sets [`IGNORED_ACROSS`] to `SIG_IGN` (they are blocked already); returns the actions to put
+/// back if the exec fails. The new image replaces them with its handlers.
+fn ignore_across_exec() -> Vec<(Signal, nix::sys::signal::SigAction)> {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler};
+    let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    IGNORED_ACROSS
+        .iter()
+        .filter_map(|&sig| {
+            // SAFETY: installs SIG_IGN, which runs no code of ours in a signal context.
+            let old = unsafe { sigaction(sig, &ignore) }.ok()?;
+            Some((sig, old))
+        })
+        .collect()
+}
+
+/// Puts back what [`ignore_across_exec`] replaced (the exec failed).
+fn restore_actions(saved: Vec<(Signal, nix::sys::signal::SigAction)>) {
+    for (sig, old) in saved {
+        // SAFETY: reinstalls exactly the action the kernel returned for this signal a moment
+        // ago (the runtime's handler), as it was installed.
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &old) };
+    }
 }
 
 /// In the new image: the state the old one left, if this process is the result of an upgrade.
