@@ -801,3 +801,23 @@ fn a_sigterm_while_a_wrapper_script_runs_does_not_kill_the_primary() {
     assert_eq!(worker_pids(&p), pids);
     assert_eq!(get(p.addr(), "/").unwrap().status, 200);
 }
+
+#[test]
+fn under_reuseport_a_slot_added_after_an_upgrade_gets_its_listeners_and_serves() {
+    let (p, bin) = start(2, &["--policy", "reuseport"]);
+    let listeners = p.stats()["listeners"].clone();
+    install(&bin, Path::new(roundhouse_bin()));
+    upgrade_ok(&p);
+    assert_eq!(p.stats()["listeners"], listeners);
+    // The new image binds the new slot's own listeners on the same addresses.
+    let out = p.client(&["scale", "3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let served_by_3 = wait_until(Duration::from_secs(10), POLL, || {
+        get(p.addr(), "/whoami").is_ok_and(|r| r.header("x-worker-id") == Some("3"))
+    });
+    assert!(served_by_3, "worker 3 never served:\n{}", p.log());
+}

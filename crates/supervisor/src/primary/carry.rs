@@ -400,6 +400,9 @@ impl Primary {
         let mut p = Primary::new(
             cfg, state.exe, listeners, requests, events, spawner, surfaces,
         )?;
+        // Not derived from `listeners`: under `reuseport` the primary keeps none of its own
+        // (every slot has its own), and new slots bind theirs on these addresses.
+        p.addrs = state.addrs;
         p.started = before(now, state.uptime_ms);
         p.next_conn_id = state.next_conn_id;
         p.sticky_fallbacks = state.sticky_fallbacks;
