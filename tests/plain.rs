@@ -12,11 +12,7 @@ const PLAIN_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/workers/plain
 
 macro_rules! require_python3 {
     () => {
-        if std::process::Command::new("python3")
-            .arg("--version")
-            .output()
-            .is_err()
-        {
+        if !installed("python3") {
             eprintln!("skipped: python3 is not installed");
             return;
         }

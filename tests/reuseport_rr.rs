@@ -129,11 +129,7 @@ fn scale_cycles_lose_nothing(p: &Primary, policy: &str) {
 
 #[test]
 fn without_cap_bpf_it_exits_1_naming_the_capability() {
-    if std::process::Command::new("setpriv")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !common::installed("setpriv") {
         eprintln!("skipped: setpriv (util-linux) is not installed");
         return;
     }

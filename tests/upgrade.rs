@@ -48,6 +48,20 @@ fn install_bytes(path: &Path, body: &[u8], mode: u32) {
     install(path, &src);
 }
 
+/// Installs at `bin` a shell script that runs `before` (e.g. a sleep), then executes a copy
+/// of the real binary with the same arguments.
+fn install_wrapper(bin: &Path, before: &str) {
+    let real = bin.with_extension("real");
+    install(&real, Path::new(roundhouse_bin()));
+    let script = format!("#!/bin/sh\n{before}\nexec '{}' \"$@\"\n", real.display());
+    install_bytes(bin, script.as_bytes(), 0o755);
+}
+
+/// `roundhouse CMD --control <p's socket>` on a thread of its own.
+fn in_background(p: &Primary, cmd: &str) -> std::thread::JoinHandle<std::process::Output> {
+    common::roundhouse_in_background(&[cmd, "--control", p.control().to_str().unwrap()])
+}
+
 /// Starts `roundhouse run ARGS -- hello-worker` from its own copy of the binary.
 fn start(workers: usize, args: &[&str]) -> (Primary, PathBuf) {
     let b = Primary::builder()
@@ -340,13 +354,7 @@ fn upgrade_during_a_reload_is_refused_with_a_reason() {
     p.wait_ready();
     gate.close();
     // The reload waits for its replacement, which waits for the gate.
-    let ctl = p.control().to_path_buf();
-    let reload = std::thread::spawn(move || {
-        std::process::Command::new(roundhouse_bin())
-            .args(["reload", "--control", ctl.to_str().unwrap()])
-            .output()
-            .unwrap()
-    });
+    let reload = in_background(&p, "reload");
     p.wait_for_log("worker started worker.id=1", Duration::from_secs(10));
     assert!(wait_until(Duration::from_secs(10), POLL, || p
         .count("worker started")
@@ -525,12 +533,7 @@ fn ureq_reset(p: &Primary) -> bool {
 
 #[test]
 fn node_workers_keep_their_channel_and_handles_across_an_upgrade() {
-    if std::process::Command::new("node")
-        .arg("--version")
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
+    if !common::installed("node") {
         eprintln!("SKIPPED: `node` is not installed");
         return;
     }
@@ -572,11 +575,7 @@ fn node_workers_keep_their_channel_and_handles_across_an_upgrade() {
 
 #[test]
 fn plain_workers_keep_their_listeners_and_output_across_an_upgrade() {
-    if std::process::Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
+    if !common::installed("python3") {
         eprintln!("SKIPPED: python3 is not installed");
         return;
     }
@@ -642,20 +641,8 @@ fn a_second_upgrade_while_the_first_is_checked_is_refused_by_command_and_by_sigu
     let (p, bin) = start(1, &[]);
     let pids = worker_pids(&p);
     // The "new binary" takes a second to answer its pre-flight, then is the real one.
-    let real = bin.with_extension("real");
-    install(&real, Path::new(roundhouse_bin()));
-    let script = format!(
-        "#!/bin/sh\nif [ \"$1\" = upgrade-check ]; then sleep 1; fi\nexec '{}' \"$@\"\n",
-        real.display()
-    );
-    install_bytes(&bin, script.as_bytes(), 0o755);
-    let ctl = p.control().to_path_buf();
-    let first = std::thread::spawn(move || {
-        std::process::Command::new(roundhouse_bin())
-            .args(["upgrade", "--control", ctl.to_str().unwrap()])
-            .output()
-            .unwrap()
-    });
+    install_wrapper(&bin, "[ \"$1\" = upgrade-check ] && sleep 1");
+    let first = in_background(&p, "upgrade");
     p.wait_for_log("upgrade: checking the new binary", Duration::from_secs(10));
     let out = p.client(&["upgrade"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -774,21 +761,9 @@ fn a_sigterm_sent_during_the_exec_waits_for_the_new_image_and_stops_it_gracefull
 fn a_sigterm_while_a_wrapper_script_runs_does_not_kill_the_primary() {
     let (p, bin) = start(1, &[]);
     let pids = worker_pids(&p);
-    let real = bin.with_extension("real");
-    install(&real, Path::new(roundhouse_bin()));
     // A shell between the two images resets the signal mask; the signal must not be fatal.
-    let script = format!(
-        "#!/bin/sh\nif [ \"$1\" != upgrade-check ]; then sleep 2; fi\nexec '{}' \"$@\"\n",
-        real.display()
-    );
-    install_bytes(&bin, script.as_bytes(), 0o755);
-    let ctl = p.control().to_path_buf();
-    let upgrade = std::thread::spawn(move || {
-        std::process::Command::new(roundhouse_bin())
-            .args(["upgrade", "--control", ctl.to_str().unwrap()])
-            .output()
-            .unwrap()
-    });
+    install_wrapper(&bin, "[ \"$1\" != upgrade-check ] && sleep 2");
+    let upgrade = in_background(&p, "upgrade");
     p.wait_for_log("upgrade: executing the new binary", Duration::from_secs(10));
     p.signal(Signal::SIGTERM);
     let out = upgrade.join().unwrap();

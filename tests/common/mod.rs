@@ -1032,6 +1032,24 @@ pub fn status_str(s: &ExitStatus) -> String {
 /// Runs `roundhouse ARGS` with `RUST_LOG=info`, stdin closed, a [`CLI_TIMEOUT`]; returns its
 /// output. On timeout the process (and anything tagged as started by it) is killed and the
 /// test panics.
+/// Whether `program --version` runs and succeeds (a tool a test needs is installed).
+pub fn installed(program: &str) -> bool {
+    Command::new(program)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// `roundhouse ARGS` on a thread of its own, for a command that answers late (`reload`,
+/// `upgrade`) while the test goes on.
+pub fn roundhouse_in_background(args: &[&str]) -> thread::JoinHandle<Output> {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        roundhouse(&args)
+    })
+}
+
 pub fn roundhouse(args: &[&str]) -> Output {
     roundhouse_with(args, &[], CLI_TIMEOUT)
 }

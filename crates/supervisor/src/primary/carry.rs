@@ -37,6 +37,9 @@ use crate::RunError;
 
 type Reply = oneshot::Sender<Result<(), OpError>>;
 
+/// Longest the exec waits for the log thread to write what is queued.
+const LOG_FLUSH: Duration = Duration::from_millis(100);
+
 /// What only an upgrade needs: where the binary is, and duplicates of the sockets the
 /// admin/control thread serves (so they can be carried without asking that thread).
 #[derive(Default)]
@@ -237,7 +240,9 @@ impl Primary {
             "upgrade: executing the new binary"
         );
         notify::reloading();
-        roundhouse_log::flush(Duration::from_secs(1));
+        // Briefly: a stderr nobody reads must not hold the accept path up (lines still queued
+        // are lost with the old image, and counted nowhere; the kernel backlog is not).
+        roundhouse_log::flush(LOG_FLUSH);
         let err = upgrade::exec(&exe, &bytes, &fds);
         self.output.resume();
         format!("could not execute {}: {err}", exe.display())

@@ -298,6 +298,35 @@ impl State {
         if fds.len() != n || fds.first().is_some_and(|&fd| fd < 3) {
             return Err("the upgrade state names an fd twice, or stdio".into());
         }
+        // Slots name their worker by key, workers their slot by id: both must be there (the
+        // owner's table is indexed by them).
+        let keys: Vec<usize> = state.workers.iter().map(|w| w.key).collect();
+        for (i, s) in state.slots.iter().enumerate() {
+            if s.id as usize != i + 1 {
+                return Err(format!(
+                    "the upgrade state is inconsistent: slot {} at position {}",
+                    s.id,
+                    i + 1
+                ));
+            }
+            if let Some(k) = s.current.filter(|k| !keys.contains(k)) {
+                return Err(format!(
+                    "the upgrade state is inconsistent: slot {} names worker {k}, which it lacks",
+                    s.id
+                ));
+            }
+        }
+        let slots = state.slots.len() as u32;
+        let mut seen = Vec::with_capacity(keys.len());
+        for w in &state.workers {
+            if w.slot == 0 || w.slot > slots || seen.contains(&w.key) {
+                return Err(format!(
+                    "the upgrade state is inconsistent: worker {} (pid {}) in slot {} of {slots}",
+                    w.key, w.pid, w.slot
+                ));
+            }
+            seen.push(w.key);
+        }
         Ok(state)
     }
 }
@@ -695,6 +724,12 @@ mod tests {
         assert!(State::parse(&serde_json::to_vec(&s).unwrap()).is_err());
         let e = State::parse(b"{\"version\":1}").unwrap_err();
         assert!(e.contains("not readable"), "{e}");
+        let mut v = serde_json::to_value(state()).unwrap();
+        v["slots"] = serde_json::json!([{"id": 1, "wanted": true, "current": 3,
+            "connections_total": 0, "requests_total": 0, "connections_lost": 0, "restarts": 0,
+            "failures": 0, "start": null, "reuse": [], "was_online": true, "keys": []}]);
+        let e = State::parse(v.to_string().as_bytes()).unwrap_err();
+        assert!(e.contains("slot 1 names worker 3"), "{e}");
         let mut v = serde_json::to_value(state()).unwrap();
         v["config"]["policy"] = "fastest".into();
         let e = State::parse(v.to_string().as_bytes()).unwrap_err();
