@@ -161,6 +161,13 @@ impl BlindPrimary {
         assert!(out.status.success(), "{}", describe(&args, &out));
     }
 
+    fn upgrade(&self) {
+        let ctl = self.control.to_str().unwrap();
+        let args = ["upgrade", "--control", ctl];
+        let out = roundhouse_with(&args, &[], RELOAD_TIMEOUT);
+        assert!(out.status.success(), "{}", describe(&args, &out));
+    }
+
     fn assert_alive(&mut self) {
         if let Some(s) = self.child.try_wait().expect("try_wait") {
             self.status = Some(s);
@@ -377,6 +384,63 @@ fn a_stderr_pipe_nobody_reads_never_stalls_the_primary() {
         text.contains("all workers stopped") || lost > 0,
         "the last line before exit is missing and no loss was reported:\n{text}"
     );
+}
+
+/// An in-place upgrade with a stderr pipe nobody reads: the exec waits at most a moment for the
+/// log, so the primary keeps accepting (lines still queued go with the old image).
+#[test]
+fn upgrades_with_a_stderr_pipe_nobody_reads_never_stall_the_primary() {
+    let mut p = BlindPrimary::start(Stderr::UnreadPipe, 2);
+    let pids = p.wait_online(2, STARTUP);
+    let addr = p.addr();
+    // Fill the pipe first: reloads log a few lines each.
+    for _ in 0..20 {
+        p.reload();
+    }
+    let pids_before = online_pids(&p.stats().expect("status --json"));
+    // A client asking all along, each request with a second to be answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let prober = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let (mut worst, mut n) = (Duration::ZERO, 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                let r = get_timeout(addr, "/", Duration::from_secs(1));
+                if !r.as_ref().is_ok_and(|r| r.status == 200) {
+                    return Err(format!("request {n}: {r:?} (a stalled primary?)"));
+                }
+                worst = worst.max(started.elapsed());
+                n += 1;
+                thread::sleep(Duration::from_millis(2));
+            }
+            Ok((n, worst))
+        })
+    };
+    for i in 0..5 {
+        p.upgrade();
+        p.assert_alive();
+        let stats = p.stats().expect("status --json");
+        assert_eq!(stats["pid"].as_i64(), Some(p.pid() as i64));
+        assert_eq!(
+            online_pids(&stats),
+            pids_before,
+            "upgrade {i} replaced workers"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (n, worst) = prober.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert!(n > 0);
+    eprintln!("FIGURE logging unread pipe: 5 upgrades, {n} requests, slowest {worst:?}");
+    let _reader = drain(p.pipe.take().unwrap(), Duration::from_secs(30));
+    let status = p.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {}",
+        status_str(&status)
+    );
+    let _ = pids;
 }
 
 /// `hello-worker` alone with stderr on a full disk (its primary's log is fine): it used to panic

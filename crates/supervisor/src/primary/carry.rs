@@ -38,7 +38,7 @@ use crate::RunError;
 type Reply = oneshot::Sender<Result<(), OpError>>;
 
 /// Longest the exec waits for the log thread to write what is queued.
-const LOG_FLUSH: Duration = Duration::from_millis(100);
+const LOG_FLUSH: Duration = Duration::from_millis(25);
 
 /// What only an upgrade needs: where the binary is, and duplicates of the sockets the
 /// admin/control thread serves (so they can be carried without asking that thread).
