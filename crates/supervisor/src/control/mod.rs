@@ -281,7 +281,7 @@ async fn serve_client(
         let client = || {
             use std::os::fd::AsFd;
             let stream: &UnixStream = write_half.as_ref();
-            stream.as_fd().try_clone_to_owned().ok()
+            stream.as_fd().try_clone_to_owned()
         };
         let (response, stopping) = answer(&line, &api, client).await;
         if write_line(&mut write_half, &response).await.is_err() {
@@ -341,7 +341,7 @@ struct StatusResponse<'a> {
 async fn answer(
     line: &[u8],
     api: &ApiClient,
-    client: impl FnOnce() -> Option<std::os::fd::OwnedFd>,
+    client: impl FnOnce() -> io::Result<std::os::fd::OwnedFd>,
 ) -> (Vec<u8>, bool) {
     let request: ControlRequest = match serde_json::from_slice(line) {
         Ok(request) => request,
@@ -387,10 +387,20 @@ async fn answer(
             Ok(()) => (ok_response(), true),
             Err(err) => (api_err(err), false),
         },
-        ControlRequest::Upgrade => match api.upgrade(client()).await {
-            // Not reached when the upgrade works: the new image answers.
-            Ok(()) => (ok_response(), false),
-            Err(err) => (error_response(&format!("upgrade failed: {err}")), false),
+        // The new image answers on a copy of this connection; without one (out of fds) the
+        // client could not learn that it worked, so the upgrade is not attempted.
+        ControlRequest::Upgrade => match client() {
+            Err(e) => (
+                error_response(&format!(
+                    "upgrade failed: could not keep this connection for the new image's answer: {e}"
+                )),
+                false,
+            ),
+            Ok(fd) => match api.upgrade(Some(fd)).await {
+                // Not reached when the upgrade works: the new image answers.
+                Ok(()) => (ok_response(), false),
+                Err(err) => (error_response(&format!("upgrade failed: {err}")), false),
+            },
         },
     }
 }

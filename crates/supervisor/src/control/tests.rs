@@ -498,3 +498,26 @@ fn a_peer_of_another_uid_is_refused() {
         true
     );
 }
+
+#[tokio::test]
+async fn an_upgrade_without_a_copy_of_the_connection_is_not_attempted() {
+    let (api, owner) = fake::spawn(fake::canned());
+    let (response, stopping) = answer(br#"{"cmd":"upgrade"}"#, &api, || {
+        Err(io::Error::from_raw_os_error(libc::EMFILE))
+    })
+    .await;
+    let v: Value = serde_json::from_slice(&response).unwrap();
+    assert_eq!(v["ok"], false);
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.starts_with("upgrade failed: could not keep this connection")
+            && e.contains("os error 24"),
+        "{e}"
+    );
+    assert!(!stopping);
+    assert!(
+        owner.log().is_empty(),
+        "the owner was asked: {:?}",
+        owner.log()
+    );
+}
